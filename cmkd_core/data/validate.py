@@ -1,0 +1,243 @@
+"""Check dataset folders against the contract and report every violation at once.
+
+The manifest is checked with a pandera ``DataFrameModel``; the arrays it points into are checked
+by hand (pandera does not take raw arrays) with messages of the same shape: file, column, row,
+check. Rows are 0-based data rows of ``manifest.csv`` (CSV line = row + 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from cmkd_core.data.contract import (
+    LABELLED,
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    SPLITS,
+    DataContractError,
+    DatasetMeta,
+    ModalityDataset,
+    Problem,
+    load_npy,
+    read_dataset,
+    read_manifest,
+    safe_member,
+)
+
+
+class ManifestSchema(pa.DataFrameModel):
+    """Columns of ``manifest.csv``; the class list is checked separately (it is per run)."""
+
+    id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    label: Series[str] = pa.Field(str_length={"min_value": 1})
+    split: Series[str] = pa.Field(isin=list(SPLITS))
+    file: Series[str] = pa.Field(str_matches=r"^[^/].*\.npy$")
+    offset: Series[int] = pa.Field(ge=0)
+    length: Series[int] = pa.Field(ge=1)
+
+    class Config:
+        strict = True
+        coerce = False
+
+
+def _schema_problems(manifest: pd.DataFrame, where: str, classes: Sequence[str]) -> list[Problem]:
+    problems: list[Problem] = []
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        problems.append(Problem(where, ",".join(missing), "-", "column_in_dataframe", "missing"))
+        return problems
+    if manifest.empty:
+        return [Problem(where, "-", "-", "not_empty", "the manifest has no rows")]
+    try:
+        ManifestSchema.validate(manifest, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        for case in exc.failure_cases.itertuples():
+            row = "-" if pd.isna(case.index) else str(int(case.index))
+            problems.append(
+                Problem(
+                    where, str(case.column), row, str(case.check), f"value {case.failure_case!r}"
+                )
+            )
+    if "label" in manifest.columns:
+        bad = ~manifest["label"].isin(list(classes))
+        for row, value in manifest.loc[bad, "label"].items():
+            problems.append(
+                Problem(where, "label", str(row), "isin(classes)", f"unknown class {value!r}")
+            )
+    return problems
+
+
+def _array_problems(ds: ModalityDataset, where: str) -> list[Problem]:
+    """Files exist and load, dtype and shape match, rows are in range, finite, not shared."""
+    problems: list[Problem] = []
+    meta, manifest = ds.meta, ds.manifest
+    arrays: dict[str, np.ndarray] = {}
+    for name in sorted(set(manifest["file"].astype(str))):
+        path = safe_member(ds.root, name)
+        rows = manifest.index[manifest["file"] == name]
+        first = str(rows[0])
+        if path is None:
+            problems.append(Problem(where, "file", first, "inside_dataset", f"{name!r} escapes"))
+            continue
+        try:
+            array = load_npy(path)
+        except (OSError, ValueError, EOFError) as exc:
+            problems.append(Problem(str(path), "file", first, "loadable_npy", str(exc)))
+            continue
+        if array.dtype != np.float32:
+            problems.append(Problem(str(path), "-", "-", "dtype", f"{array.dtype} != float32"))
+            continue
+        if tuple(array.shape[1:]) != meta.sample_shape:
+            problems.append(
+                Problem(
+                    str(path),
+                    "-",
+                    "-",
+                    "sample_shape",
+                    f"array shape {tuple(array.shape)}: trailing dims must be {meta.sample_shape}",
+                )
+            )
+            continue
+        arrays[name] = array
+    if problems:
+        return problems
+    for name, array in arrays.items():
+        sub = manifest[manifest["file"] == name]
+        end = sub["offset"] + sub["length"]
+        for row in sub.index[end > len(array)]:
+            problems.append(
+                Problem(
+                    where,
+                    "offset",
+                    str(row),
+                    "within_array",
+                    f"rows {sub.at[row, 'offset']}..{end[row]} past the "
+                    f"{len(array)} rows of {name}",
+                )
+            )
+        if meta.kind == "fixed":
+            for row in sub.index[sub["length"] != 1]:
+                problems.append(Problem(where, "length", str(row), "fixed_length_is_1", "not 1"))
+        ordered = sub.sort_values("offset")
+        starts, lengths = ordered["offset"].to_numpy(), ordered["length"].to_numpy()
+        overlap = np.nonzero(starts[1:] < starts[:-1] + lengths[:-1])[0]
+        for i in overlap:
+            a, b = ordered.index[i], ordered.index[i + 1]
+            problems.append(
+                Problem(where, "offset", f"{a},{b}", "disjoint_rows", "samples share array rows")
+            )
+        finite = np.isfinite(np.asarray(array)).reshape(len(array), -1).all(axis=1)
+        if not finite.all():
+            bad_rows = set(np.nonzero(~finite)[0].tolist())
+            for row, off, length in zip(sub.index, sub["offset"], sub["length"], strict=True):
+                if bad_rows.intersection(range(off, off + length)):
+                    problems.append(
+                        Problem(str(ds.root / name), "-", str(row), "finite", "NaN or inf values")
+                    )
+    return problems
+
+
+def _coverage_problems(ds: ModalityDataset, where: str, splits: Sequence[str]) -> list[Problem]:
+    problems = []
+    for split in splits:
+        present = set(ds.manifest.loc[ds.manifest["split"] == split, "label"])
+        for name in ds.meta.classes:
+            if name not in present:
+                problems.append(
+                    Problem(
+                        where,
+                        "label",
+                        "-",
+                        f"class_in_{split}",
+                        f"class {name!r} has no {split} sample",
+                    )
+                )
+    return problems
+
+
+def _labelled_problems(ds: ModalityDataset) -> list[Problem]:
+    if ds.labelled_ids is None:
+        return []
+    where = str(ds.root / LABELLED)
+    train = set(ds.manifest.loc[ds.manifest["split"] == "train", "id"])
+    problems = [
+        Problem(where, "id", "-", "labelled_in_train", f"id {i!r} is not a train sample")
+        for i in sorted(ds.labelled_ids - train)
+    ]
+    if not problems:
+        labelled = ds.rows("train", labelled_only=True)
+        for name in ds.meta.classes:
+            if name not in set(labelled["label"]):
+                problems.append(
+                    Problem(where, "id", "-", "labelled_class", f"no labelled sample of {name!r}")
+                )
+    return problems
+
+
+def check_dataset(
+    root: str | Path, classes: Sequence[str] | None = None, splits: Sequence[str] = SPLITS
+) -> ModalityDataset:
+    """Validate one dataset folder and return it; raise :class:`DataContractError` otherwise.
+
+    ``classes`` is the run's class list (defaults to the dataset's own); every class must have
+    a sample in each of ``splits``.
+    """
+    root = Path(root)
+    where = str(root / MANIFEST)
+    if not (root / MANIFEST).is_file():
+        raise DataContractError([Problem(where, "-", "-", "exists", "manifest.csv not found")])
+    ds = read_dataset(root)
+    classes = tuple(classes) if classes is not None else ds.meta.classes
+    problems = []
+    if set(ds.meta.classes) != set(classes):
+        problems.append(_class_list_problem(str(root / "dataset.json"), ds.meta, classes))
+    problems += _schema_problems(ds.manifest, where, classes)
+    if not problems:
+        problems += _array_problems(ds, where)
+    if not problems:
+        problems += _coverage_problems(ds, where, splits)
+        problems += _labelled_problems(ds)
+    if problems:
+        raise DataContractError(problems)
+    return ds
+
+
+def _class_list_problem(where: str, meta: DatasetMeta, classes: Sequence[str]) -> Problem:
+    only_here = sorted(set(meta.classes) - set(classes))
+    missing = sorted(set(classes) - set(meta.classes))
+    return Problem(
+        where,
+        "classes",
+        "-",
+        "same_class_list",
+        f"classes missing here: {missing}; classes only here: {only_here}",
+    )
+
+
+def check_pair(teacher_root: str | Path, student_root: str | Path) -> tuple[ModalityDataset, ...]:
+    """Validate both modalities and that they share one class list; report all problems."""
+    problems: list[Problem] = []
+    found = []
+    try:
+        teacher_classes: tuple[str, ...] | None = read_dataset(teacher_root).meta.classes
+    except (OSError, ValueError):
+        teacher_classes = None  # check_dataset below reports why the teacher side is unreadable
+    for root in (teacher_root, student_root):
+        try:
+            found.append(check_dataset(root, classes=teacher_classes))
+        except DataContractError as exc:
+            problems += exc.problems
+        except (OSError, ValueError) as exc:
+            problems.append(Problem(str(root), "-", "-", "readable", str(exc)))
+    if problems:
+        raise DataContractError(problems)
+    return tuple(found)
+
+
+__all__ = ["ManifestSchema", "check_dataset", "check_pair", "read_manifest"]

@@ -1,0 +1,128 @@
+"""The one training loop. Methods differ only in the loss terms they return per batch.
+
+``fit`` runs epochs of optimiser steps on the ``"loss"`` term of a step function, evaluates
+after each epoch and hands an epoch record to callbacks; logging, progress, model selection and
+checkpoints hang on callbacks, never inside the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+Batch = Any
+StepFn = Callable[[Batch], dict[str, torch.Tensor]]
+
+
+class Callback:
+    """Hooks called by :func:`fit`; override what you need."""
+
+    def on_epoch_end(self, record: dict[str, float], model: nn.Module) -> None:
+        """After each epoch, with the epoch's record (mean loss terms and validation metrics)."""
+
+    def on_train_end(self, model: nn.Module) -> None:
+        """Once, after the last epoch."""
+
+
+class BestCheckpoint(Callback):
+    """Keep the weights of the epoch with the highest ``monitor`` value (earliest on ties).
+
+    Selection reads a validation metric only; test data never reaches the loop.
+    """
+
+    def __init__(self, monitor: str = "val_accuracy", restore: bool = True):
+        self.monitor = monitor
+        self.restore = restore
+        self.best_value = -math.inf
+        self.best_epoch = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, record: dict[str, float], model: nn.Module) -> None:
+        value = record[self.monitor]
+        if value > self.best_value:
+            self.best_value, self.best_epoch = value, int(record["epoch"])
+            self.state = copy.deepcopy(model.state_dict())
+
+    def on_train_end(self, model: nn.Module) -> None:
+        if self.restore and self.state is not None:
+            model.load_state_dict(self.state)
+
+
+class ProgressBar(Callback):
+    """One tqdm bar that advances once per epoch and shows the loss and validation accuracy."""
+
+    def __init__(self, total: int, desc: str, disable: bool = False):
+        self.bar = tqdm(total=total, desc=desc, unit="epoch", disable=disable, leave=True)
+
+    def on_epoch_end(self, record: dict[str, float], model: nn.Module) -> None:
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", val_acc=f"{record['val_accuracy']:.3f}")
+        self.bar.update(1)
+
+    def on_train_end(self, model: nn.Module) -> None:
+        self.bar.close()
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def fit(
+    model: nn.Module,
+    step: StepFn,
+    batches: Callable[[int], Iterable[Batch]],
+    validate: Callable[[], dict[str, float]],
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    grad_clip: float | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> list[dict[str, float]]:
+    """Train ``model`` and return one record per epoch.
+
+    ``step(batch)`` returns named scalar loss terms including ``"loss"``, the one optimised;
+    ``batches(epoch)`` yields the epoch's batches; ``validate()`` runs with the model in eval
+    mode under ``no_grad`` and returns metrics such as ``val_accuracy``.
+    """
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in batches(epoch):
+            terms = step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            count += 1
+        model.eval()
+        with torch.no_grad():
+            metrics = validate()
+        record = {"epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}, **metrics}
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        history.append(record)
+        for callback in callbacks:
+            callback.on_epoch_end(record, model)
+    for callback in callbacks:
+        callback.on_train_end(model)
+    return history

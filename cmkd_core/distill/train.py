@@ -1,0 +1,176 @@
+"""Recipes around the one loop: train a classifier (teacher or student), extract a bank."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmkd_core.bank import TeacherBank
+from cmkd_core.data.samplers import ClassMatchedSampler, epoch_batches
+from cmkd_core.data.tensors import Samples
+from cmkd_core.distill.loop import BestCheckpoint, ProgressBar, fit, warmup_cosine
+from cmkd_core.distill.objective import DistillObjective
+from cmkd_core.models import Classifier
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; on the CPU the whole run is then deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimiser and schedule of one training run (AdamW, warm-up then cosine)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: int
+    seed: int
+    grad_clip: float | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch records and the selected (best validation accuracy) epoch."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = 0.0
+
+
+@torch.no_grad()
+def predict_logits(model: Classifier, samples: Samples, batch_size: int = 512) -> torch.Tensor:
+    """Logits ``(N, C)`` of ``model`` on ``samples``, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(samples), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(samples)))
+        inputs, _ = samples.take(index)
+        out.append(model(*inputs))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_features(model: Classifier, samples: Samples, batch_size: int = 512) -> torch.Tensor:
+    """Encoder features ``(N, d)`` of ``model`` on ``samples``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    feats = []
+    for start in range(0, len(samples), batch_size):
+        inputs, _ = samples.take(torch.arange(start, min(start + batch_size, len(samples))))
+        feats.append(model.features(*inputs))
+    model.train(was_training)
+    return torch.cat(feats)
+
+
+def train_classifier(
+    model: Classifier,
+    objective: DistillObjective,
+    train: Samples,
+    val: Samples,
+    settings: TrainSettings,
+    *,
+    bank: TeacherBank | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` on ``train`` with ``objective``, select on ``val`` accuracy.
+
+    When the objective needs the teacher, each batch of student labels gets class-matched rows
+    from the bank's train split (the teacher itself never runs). The model ends at the weights
+    of its best validation epoch. All tensors must already be on the model's device.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(settings.seed)
+    sampler, bank_features = None, None
+    if objective.needs_teacher:
+        if bank is None:
+            raise ValueError(f"{desc}: this objective needs a teacher bank")
+        keep = bank.split("train")
+        bank_features = bank.features[keep].to(device)
+        sampler = ClassMatchedSampler(bank.labels[keep], len(bank.classes))
+
+    def batches(epoch: int):
+        for index in epoch_batches(len(train), settings.batch_size, generator):
+            inputs, labels = train.take(index)
+            teacher = None
+            if sampler is not None:
+                rows = sampler.draw(labels.cpu(), generator)
+                teacher = bank_features[rows.to(device)]
+            yield inputs, labels, teacher
+
+    def step(batch):
+        inputs, labels, teacher = batch
+        return objective(model, inputs, labels, teacher)
+
+    def validate() -> dict[str, float]:
+        logits = predict_logits(model, val)
+        return {
+            "val_accuracy": float((logits.argmax(1) == val.labels).float().mean()),
+            "val_loss": float(F.cross_entropy(logits, val.labels)),
+        }
+
+    steps_per_epoch = len(list(epoch_batches(len(train), settings.batch_size, torch.Generator())))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        warmup_cosine(settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch),
+    )
+    best = BestCheckpoint("val_accuracy")
+    callbacks = [best, ProgressBar(settings.epochs, desc, disable=not settings.progress)]
+    history = fit(
+        model,
+        step,
+        batches,
+        validate,
+        epochs=settings.epochs,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        grad_clip=settings.grad_clip,
+        callbacks=callbacks,
+    )
+    return TrainResult(history, best.best_epoch, best.best_value)
+
+
+def extract_bank(
+    teacher: Classifier,
+    samples: Samples,
+    splits: torch.Tensor,
+    classes: tuple[str, ...],
+    info: dict,
+) -> TeacherBank:
+    """Run the teacher once over every sample and keep what distillation needs.
+
+    ``splits`` has shape ``(N,)`` with codes into ``("train", "val", "test")``.
+    """
+    features = predict_features(teacher, samples).cpu()
+    return TeacherBank(
+        features=features,
+        labels=samples.labels.cpu(),
+        splits=splits.long(),
+        head_weight=teacher.head.weight.detach().cpu().clone(),
+        head_bias=teacher.head.bias.detach().cpu().clone(),
+        classes=tuple(classes),
+        info=info,
+    )
