@@ -1,0 +1,90 @@
+"""The ``cmkd`` command.
+
+cmkd run              the whole pipeline through DVC (stale stages only), then a summary
+cmkd stage NAME       one stage's flow in this process (what dvc.yaml runs)
+cmkd summary          print the summary of the last run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import tasks  # noqa: F401  (Prefect's offline defaults, before Prefect is imported)
+
+
+def summary_text(metrics: dict, onnx: str) -> str:
+    """Human-readable result of a run: teacher, student and CE-only test accuracy."""
+    student, ce = metrics["student"], metrics["ce_only"]
+    gain = 100 * metrics["gain_over_ce"]["test_accuracy"]
+    return "\n".join(
+        [
+            "cmkd results (test split, each model at its best validation epoch)",
+            f"  teacher                          test accuracy "
+            f"{metrics['teacher']['test_accuracy']:.4f}",
+            f"  distilled student ({metrics['method']})"
+            f"{' ' * max(1, 13 - len(metrics['method']))}test accuracy "
+            f"{student['test_accuracy']:.4f}   macro-F1 {student['test_macro_f1']:.4f}",
+            f"  CE-only student (same budget)    test accuracy {ce['test_accuracy']:.4f}"
+            f"   macro-F1 {ce['test_macro_f1']:.4f}",
+            f"  distillation vs CE-only: {gain:+.2f} points"
+            f" ({student['labelled_train']} labelled student clips)",
+            f"  ONNX student: {onnx}",
+        ]
+    )
+
+
+def _run_flow(function, **kwargs):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return function(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cmkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline through DVC")
+    stage = sub.add_parser("stage", help="run one stage's flow (as dvc.yaml does)")
+    stage.add_argument(
+        "name", choices=["prepare", "validate", "teacher", "distill", "evaluate", "export"]
+    )
+    show = sub.add_parser("summary", help="print the last run's results")
+    for p in (run, stage, show):
+        p.add_argument("--root", default=".", help="project root (default: .)")
+    args = parser.parse_args(argv)
+
+    from cmkd_core.config import ParamsError
+    from cmkd_core.data import DataContractError
+    from tasks.layout import Layout
+
+    layout = Layout(Path(args.root))
+    try:
+        if args.command == "stage":
+            from flows.stages import STAGES
+
+            _run_flow(STAGES[args.name], root=args.root)
+            return 0
+        if args.command == "run":
+            from flows.pipeline import pipeline
+
+            result = _run_flow(pipeline, root=args.root)
+            print(summary_text(result["metrics"], result["onnx"]))
+            return 0
+        metrics = json.loads(layout.metrics.read_text())
+        print(summary_text(metrics, str(layout.onnx)))
+        return 0
+    except (DataContractError, ParamsError) as exc:
+        print(f"cmkd: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"cmkd: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

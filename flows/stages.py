@@ -1,0 +1,66 @@
+"""One Prefect flow per DVC stage; ``dvc.yaml`` runs them through ``cmkd stage NAME``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from cmkd_core.config import load_params
+from tasks.data import materialise_default_pair, validate_pair
+from tasks.evaluate import evaluate_students, methods_of
+from tasks.export import export_student
+from tasks.layout import Layout
+from tasks.train import distill_student, train_teacher
+
+
+@flow(name="prepare")
+def prepare(root: str = ".") -> dict:
+    """Write the embedded default pair into ``data/prepared`` (params: ``data``)."""
+    layout = Layout(Path(root))
+    return materialise_default_pair(layout, load_params(layout.params).data)
+
+
+@flow(name="validate")
+def validate(root: str = ".") -> dict:
+    """Check both datasets against the contract; stop the run on any violation."""
+    return validate_pair(Layout(Path(root)))
+
+
+@flow(name="teacher")
+def teacher(root: str = ".") -> dict:
+    """Train the teacher on its modality and extract the bank (params: ``teacher``)."""
+    layout = Layout(Path(root))
+    return train_teacher(layout, load_params(layout.params).teacher)
+
+
+@flow(name="distill")
+def distill(root: str = ".") -> dict:
+    """Train the distilled student and the CE-only baseline (params: ``distill``)."""
+    layout = Layout(Path(root))
+    params = load_params(layout.params).distill
+    return {m: distill_student(layout, params, m) for m in methods_of(params.method)}
+
+
+@flow(name="evaluate")
+def evaluate(root: str = ".") -> dict:
+    """Test metrics at the best-validation epoch for both students, and plots."""
+    layout = Layout(Path(root))
+    return evaluate_students(layout, load_params(layout.params).distill.method)
+
+
+@flow(name="export")
+def export(root: str = ".") -> dict:
+    """ONNX export with the parity gate, and the model card (params: ``export``)."""
+    layout = Layout(Path(root))
+    return export_student(layout, load_params(layout.params))
+
+
+STAGES = {
+    "prepare": prepare,
+    "validate": validate,
+    "teacher": teacher,
+    "distill": distill,
+    "evaluate": evaluate,
+    "export": export,
+}

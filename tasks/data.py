@@ -1,0 +1,78 @@
+"""Tasks of the ``prepare`` and ``validate`` stages."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from cmkd_core.config import DataParams
+from cmkd_core.data import check_pair, write_dataset, write_text_atomic
+from cmkd_core.data.contract import SPLITS, ModalityDataset
+from cmkd_core.data.defaults import audio_dataset, image_dataset
+from cmkd_core.export import sha256_file
+from tasks.layout import Layout
+
+
+def write_json(path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON, atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+@task(name="materialise-default-pair", cache_policy=NONE, retries=1)
+def materialise_default_pair(layout: Layout, params: DataParams) -> dict[str, int]:
+    """Write the embedded default pair (digit images -> spoken digits) in contract form."""
+    meta, manifest, arrays = image_dataset(params.val_fraction, params.test_fraction, params.seed)
+    write_dataset(layout.teacher_data, meta, manifest, arrays)
+    teacher_samples = len(manifest)
+    meta, manifest, arrays, labelled = audio_dataset(
+        layout.root / params.fsdd_wheel,
+        params.val_fraction,
+        params.test_fraction,
+        params.seed,
+        params.labelled_per_class,
+    )
+    write_dataset(layout.student_data, meta, manifest, arrays, labelled)
+    counts = {
+        "teacher_samples": teacher_samples,
+        "student_samples": len(manifest),
+        "student_labelled": len(labelled),
+    }
+    get_run_logger().info("prepared %s", counts)
+    return counts
+
+
+def _summary(ds: ModalityDataset) -> dict:
+    counts = {s: int((ds.manifest["split"] == s).sum()) for s in SPLITS}
+    files = {name: sha256_file(ds.root / name) for name in sorted(ds.arrays)}
+    files["manifest.csv"] = sha256_file(ds.root / "manifest.csv")
+    summary = {
+        "name": ds.meta.name,
+        "modality": ds.meta.modality,
+        "kind": ds.meta.kind,
+        "sample_shape": list(ds.meta.sample_shape),
+        "samples": counts,
+        "sha256": files,
+    }
+    if ds.labelled_ids is not None:
+        summary["labelled_train"] = len(ds.labelled_ids)
+        summary["sha256"]["labelled.csv"] = sha256_file(ds.root / "labelled.csv")
+    return summary
+
+
+@task(name="validate-pair", cache_policy=NONE)
+def validate_pair(layout: Layout) -> dict:
+    """Check both datasets against the contract; write the report only if both pass.
+
+    A violation raises :class:`cmkd_core.data.DataContractError` listing every problem by file,
+    column, row and check; the previous report is left as it was.
+    """
+    teacher, student = check_pair(layout.teacher_data, layout.student_data)
+    report = {
+        "classes": list(teacher.meta.classes),
+        "teacher": _summary(teacher),
+        "student": _summary(student),
+    }
+    write_json(layout.validation_report, report)
+    return report

@@ -1,0 +1,130 @@
+"""Task of the ``evaluate`` stage: test metrics of the distilled and CE-only students, plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from cmkd_core.data import atomic_path, check_dataset, write_text_atomic
+from cmkd_core.data.tensors import samples_of
+from cmkd_core.distill import predict_logits
+from cmkd_core.metrics import classification_report, confusion_matrix
+from cmkd_core.models.checkpoint import load_classifier
+from tasks.data import write_json
+from tasks.layout import Layout
+
+
+def methods_of(method: str) -> list[str]:
+    """The students a run trains: the configured method and the CE-only baseline."""
+    return [method] if method == "ce" else [method, "ce"]
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _save_png(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _learning_curves(histories: dict[str, list[dict]], plots: Path) -> None:
+    """CSV columns are named by role (``student``, ``ce_only``) so dvc.yaml need not change
+    with the method; the PNG legend names the methods."""
+    rows = []
+    for i in range(max(len(h) for h in histories.values())):
+        row = {"epoch": i + 1}
+        for role, history in zip(("student", "ce_only"), histories.values(), strict=False):
+            if i < len(history):
+                row[f"val_accuracy_{role}"] = history[i]["val_accuracy"]
+                row[f"train_loss_{role}"] = history[i]["loss"]
+        rows.append(row)
+    write_text_atomic(plots / "learning_curves.csv", _csv(rows))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, history in histories.items():
+        epochs = [r["epoch"] for r in history]
+        ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label=method)
+        ax_loss.plot(epochs, [r["loss"] for r in history], label=method)
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="Student validation accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Student training loss")
+    ax_acc.legend()
+    ax_loss.legend()
+    _save_png(fig, plots / "learning_curves.png")
+
+
+def _confusion(y_true, y_pred, classes: list[str], method: str, plots: Path) -> None:
+    rows = [
+        {"actual": classes[t], "predicted": classes[p]} for t, p in zip(y_true, y_pred, strict=True)
+    ]
+    write_text_atomic(plots / "confusion.csv", _csv(rows))
+    matrix = confusion_matrix(y_true, y_pred, len(classes))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in ((ij, matrix[ij]) for ij in zip(*matrix.nonzero(), strict=True)):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="actual",
+        title=f"Test confusion matrix ({method} student)",
+    )
+    _save_png(fig, plots / "confusion.png")
+
+
+@task(name="evaluate-students", cache_policy=NONE)
+def evaluate_students(layout: Layout, method: str) -> dict:
+    """Test accuracy and macro-F1 of each student at its best-validation epoch, plus plots."""
+    teacher = json.loads(layout.teacher_metrics.read_text())
+    results, histories, predictions = {}, {}, {}
+    classes: list[str] = []
+    for name in methods_of(method):
+        model, _, info = load_classifier(layout.student_weights(name))
+        classes = info["classes"]
+        dataset = check_dataset(layout.student_data, classes=classes)
+        test = samples_of(dataset, dataset.rows("test"), classes)
+        y_pred = predict_logits(model, test).argmax(1).numpy()
+        y_true = test.labels.numpy()
+        report = classification_report(y_true, y_pred, len(classes))
+        results[name] = {
+            "test_accuracy": report["accuracy"],
+            "test_macro_f1": report["macro_f1"],
+            "val_accuracy": info["val_accuracy"],
+            "best_epoch": info["best_epoch"],
+            "labelled_train": info["labelled_train"],
+            "n_test": report["n"],
+        }
+        histories[name] = json.loads(layout.history(name).read_text())["history"]
+        predictions[name] = (y_true, y_pred)
+    metrics = {
+        "method": method,
+        "teacher": {k: teacher[k] for k in ("val_accuracy", "test_accuracy")},
+        "student": results[method],
+        "ce_only": results["ce"],
+        "gain_over_ce": {
+            "test_accuracy": results[method]["test_accuracy"] - results["ce"]["test_accuracy"],
+            "test_macro_f1": results[method]["test_macro_f1"] - results["ce"]["test_macro_f1"],
+        },
+    }
+    layout.plots.mkdir(parents=True, exist_ok=True)
+    _learning_curves(histories, layout.plots)
+    _confusion(*predictions[method], classes, method, layout.plots)
+    write_json(layout.metrics, metrics)
+    get_run_logger().info("metrics: %s", json.dumps(metrics))
+    return metrics

@@ -1,0 +1,97 @@
+"""Task of the ``export`` stage: ONNX file, parity gate on the test split, model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import onnx
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from cmkd_core.config import Params
+from cmkd_core.data import check_dataset
+from cmkd_core.data.tensors import samples_of
+from cmkd_core.export import ParityError, check_parity, export_onnx, input_names, sha256_file
+from cmkd_core.models.checkpoint import load_classifier
+from tasks.data import write_json
+from tasks.layout import Layout
+
+
+def _sha256_json(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@task(name="export-student", cache_policy=NONE)
+def export_student(layout: Layout, params: Params) -> dict:
+    """Export the distilled student; fail unless onnxruntime matches torch on the test split
+    and reproduces the test accuracy in ``metrics.json``."""
+    method = params.distill.method
+    model, spec, info = load_classifier(layout.student_weights(method))
+    classes = info["classes"]
+    dataset = check_dataset(layout.student_data, classes=classes)
+    test = samples_of(dataset, dataset.rows("test"), classes)
+    metrics = json.loads(layout.metrics.read_text())
+    # Export and check under a temporary name: a failed gate leaves the previous file alone.
+    staging = layout.onnx.with_name(".staging-" + layout.onnx.name)
+    try:
+        export_onnx(model, test, staging, opset=params.export.opset)
+        parity = check_parity(model, staging, test, atol=params.export.atol)
+        expected = metrics["student"]["test_accuracy"]
+        if abs(parity.onnx_accuracy - expected) > 1e-12:
+            raise ParityError(
+                f"{staging}: onnxruntime test accuracy {parity.onnx_accuracy:.6f} != "
+                f"{expected:.6f} in {layout.metrics}"
+            )
+        staging.replace(layout.onnx)
+    finally:
+        staging.unlink(missing_ok=True)
+    report = json.loads(layout.validation_report.read_text())
+    norm = model.encoder.norm
+    card = {
+        "model": "cmkd student",
+        "file": layout.onnx.name,
+        "sha256": sha256_file(layout.onnx),
+        "method": method,
+        "paper": "arXiv:2606.10504 (ICML 2026)",
+        "classes": classes,
+        "modality": dataset.meta.modality,
+        "dataset": dataset.meta.name,
+        "architecture": spec,
+        "opset": onnx.load(str(layout.onnx), load_external_data=False).opset_import[0].version,
+        "inputs": {
+            name: desc
+            for name, desc in zip(
+                input_names(test),
+                [
+                    f"float32 (batch, time, {dataset.meta.sample_shape[0]}): raw frames, "
+                    "zero-padded past each length"
+                    if dataset.meta.kind == "sequence"
+                    else f"float32 (batch, {', '.join(map(str, dataset.meta.sample_shape))})",
+                    "int64 (batch,): number of valid frames per sample",
+                ],
+                strict=False,
+            )
+        },
+        "outputs": {"logits": f"float32 (batch, {len(classes)}); softmax for probabilities"},
+        "normalisation": {
+            "inside_graph": True,
+            "formula": "(x - mean) / std per feature, train-split statistics",
+            "mean": norm.mean.tolist(),
+            "std": norm.std.tolist(),
+        },
+        "metrics": {
+            "test_accuracy": metrics["student"]["test_accuracy"],
+            "test_macro_f1": metrics["student"]["test_macro_f1"],
+            "val_accuracy": metrics["student"]["val_accuracy"],
+            "ce_only_test_accuracy": metrics["ce_only"]["test_accuracy"],
+            "onnx_test_accuracy": parity.onnx_accuracy,
+            "onnx_max_abs_logit_diff": parity.max_abs_diff,
+        },
+        "teacher": info.get("teacher", {}),
+        "params_sha256": _sha256_json(params.model_dump(mode="json")),
+        "data_sha256": _sha256_json({k: report[k]["sha256"] for k in ("teacher", "student")}),
+    }
+    write_json(layout.model_card, card)
+    get_run_logger().info("exported %s (max |diff| %.2g)", layout.onnx, parity.max_abs_diff)
+    return card

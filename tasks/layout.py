@@ -1,0 +1,71 @@
+"""Where each stage reads and writes, relative to the project root (see dvc.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of every stage's inputs and outputs under ``root``."""
+
+    root: Path = Path(".")
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def teacher_data(self) -> Path:
+        return self.root / "data" / "prepared" / "teacher"
+
+    @property
+    def student_data(self) -> Path:
+        return self.root / "data" / "prepared" / "student"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.root / "data" / "validated" / "report.json"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.root / "data" / "teacher"
+
+    @property
+    def teacher_weights(self) -> Path:
+        return self.teacher_dir / "teacher.safetensors"
+
+    @property
+    def bank(self) -> Path:
+        return self.teacher_dir / "bank.safetensors"
+
+    @property
+    def teacher_metrics(self) -> Path:
+        return self.teacher_dir / "metrics.json"
+
+    @property
+    def distill_dir(self) -> Path:
+        return self.root / "data" / "distill"
+
+    def student_weights(self, method: str) -> Path:
+        return self.distill_dir / f"student_{method}.safetensors"
+
+    def history(self, method: str) -> Path:
+        return self.distill_dir / f"history_{method}.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "data" / "evaluate" / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "data" / "evaluate" / "plots"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "data" / "export" / "student.onnx"
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / "data" / "export" / "model_card.json"

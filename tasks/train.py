@@ -1,0 +1,73 @@
+"""Tasks of the ``teacher`` and ``distill`` stages."""
+
+from __future__ import annotations
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from cmkd_core.bank import load_bank, save_bank
+from cmkd_core.config import DistillParams, TeacherParams
+from cmkd_core.data import check_dataset
+from cmkd_core.data.contract import SPLITS
+from cmkd_core.data.tensors import samples_of
+from cmkd_core.distill import extract_bank, predict_logits, resolve_device
+from cmkd_core.distill.recipes import fit_student, fit_teacher
+from cmkd_core.models.checkpoint import save_classifier
+from tasks.data import write_json
+from tasks.layout import Layout
+
+
+def _accuracy(model, samples) -> float:
+    return float((predict_logits(model, samples).argmax(1) == samples.labels).float().mean())
+
+
+@task(name="train-teacher", cache_policy=NONE)
+def train_teacher(layout: Layout, params: TeacherParams) -> dict:
+    """Train the teacher, extract the bank, write weights, bank and metrics."""
+    logger = get_run_logger()
+    device = resolve_device(params.device)
+    dataset = check_dataset(layout.teacher_data)
+    fitted, data = fit_teacher(dataset, params, device)
+    # Reported for information only; selection used val.
+    metrics = {
+        "best_epoch": fitted.result.best_epoch,
+        "val_accuracy": fitted.result.best_val_accuracy,
+        "test_accuracy": _accuracy(fitted.model, data["test"]),
+        "device": str(device),
+    }
+    everything = samples_of(dataset, dataset.manifest).to(device)
+    splits = torch.tensor([SPLITS.index(s) for s in dataset.manifest["split"]])
+    info = {"dataset": dataset.meta.name, "modality": dataset.meta.modality, **metrics}
+    bank = extract_bank(fitted.model, everything, splits, dataset.meta.classes, info)
+    save_classifier(fitted.model, fitted.spec, layout.teacher_weights, info)
+    save_bank(bank, layout.bank)
+    write_json(layout.teacher_metrics, {**metrics, "history": fitted.result.history})
+    logger.info("teacher: val %.4f test %.4f", metrics["val_accuracy"], metrics["test_accuracy"])
+    return metrics
+
+
+@task(name="distill-student", cache_policy=NONE)
+def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
+    """Train one student with ``method`` from the bank; write weights and history."""
+    device = resolve_device(params.device)
+    bank = load_bank(layout.bank)
+    dataset = check_dataset(layout.student_data, classes=bank.classes)
+    fitted, _ = fit_student(dataset, bank, params, method, device)
+    summary = {
+        "method": method,
+        "best_epoch": fitted.result.best_epoch,
+        "val_accuracy": fitted.result.best_val_accuracy,
+        "labelled_train": len(dataset.rows("train", labelled_only=True)),
+        "device": str(device),
+    }
+    info = {**summary, "teacher": bank.info, "classes": list(bank.classes)}
+    save_classifier(fitted.model, fitted.spec, layout.student_weights(method), info)
+    write_json(layout.history(method), {**summary, "history": fitted.result.history})
+    get_run_logger().info(
+        "%s student: best val %.4f at epoch %d",
+        method,
+        summary["val_accuracy"],
+        summary["best_epoch"],
+    )
+    return summary
