@@ -64,7 +64,7 @@ def export_onnx(model: Classifier, example: Samples, path: str | Path, opset: in
         shapes["lengths"] = {0: batch}
     with atomic_path(path) as tmp:
         program = torch.onnx.export(
-            (_DeployableSequence if example.is_sequence else _Deployable)(model),
+            (_DeployableSequence if example.is_sequence else _Deployable)(model).eval(),
             inputs,
             input_names=input_names(example),
             output_names=["logits"],

@@ -197,8 +197,10 @@ def read_dataset(root: str | Path) -> ModalityDataset:
     arrays = {}
     for name in sorted(set(manifest["file"])):
         path = safe_member(root, name)
-        if path is not None and path.is_file():
-            arrays[name] = load_npy(path)
+        try:
+            arrays[name] = load_npy(path)  # type: ignore[arg-type]
+        except (TypeError, OSError, ValueError, EOFError):
+            continue  # missing, escaping or corrupt: check_dataset reports it with its row
     labelled = None
     if (root / LABELLED).exists():
         labelled = frozenset(pd.read_csv(root / LABELLED, dtype={"id": str})["id"])

