@@ -31,11 +31,13 @@ def fsdd_wheel() -> Path:
 
 @pytest.fixture(scope="session")
 def pair_root(tmp_path_factory, fsdd_wheel) -> Path:
-    """The real default pair in contract form (10 labelled clips per class), written once."""
-    root = tmp_path_factory.mktemp("pair")
-    write_dataset(root / "teacher", *image_dataset(0.2, 0.2, 0))
+    """The real default pair in contract form (10 labelled clips per class), written once
+    where the pipeline keeps it: ``data/prepared/{teacher,student}`` under the returned root."""
+    root = tmp_path_factory.mktemp("project")
+    prepared = root / "data" / "prepared"
+    write_dataset(prepared / "teacher", *image_dataset(0.2, 0.2, 0))
     meta, manifest, arrays, labelled = audio_dataset(fsdd_wheel, 0.2, 0.2, 0, 10)
-    write_dataset(root / "student", meta, manifest, arrays, labelled)
+    write_dataset(prepared / "student", meta, manifest, arrays, labelled)
     return root
 
 

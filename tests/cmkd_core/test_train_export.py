@@ -20,7 +20,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def trained(pair_root, tiny_params):
-    teacher_ds, student_ds = check_pair(pair_root / "teacher", pair_root / "student")
+    prepared = pair_root / "data" / "prepared"
+    teacher_ds, student_ds = check_pair(prepared / "teacher", prepared / "student")
     fitted, _ = fit_teacher(teacher_ds, tiny_params.teacher, CPU, progress=False)
     everything = samples_of(teacher_ds, teacher_ds.manifest)
     splits = torch.tensor([SPLITS.index(s) for s in teacher_ds.manifest["split"]])

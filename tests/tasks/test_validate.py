@@ -1,4 +1,5 @@
-"""The data contract: the default pair passes; each kind of bad dataset is refused by name."""
+"""The validate stage: the default pair passes; each kind of bad dataset is refused with a
+message naming the place, and the previous report is left as it was."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import pandas as pd
 import pytest
 
 from cmkd_core.data import DataContractError, check_dataset, check_pair
+from tasks.data import validate_pair
+from tasks.layout import Layout
 
 
 def _copy(pair_root: Path, tmp_path: Path) -> tuple[Path, Path]:
-    shutil.copytree(pair_root, tmp_path / "pair")
-    return tmp_path / "pair" / "teacher", tmp_path / "pair" / "student"
+    shutil.copytree(pair_root, tmp_path / "project")
+    layout = Layout(tmp_path / "project")
+    return layout.teacher_data, layout.student_data
 
 
 def _edit_manifest(root: Path, edit) -> None:
@@ -33,13 +37,19 @@ def _edit_array(root: Path, name: str, edit) -> None:
     np.save(root / name, edit(array))
 
 
-def test_default_pair_passes(pair_root):
-    teacher, student = check_pair(pair_root / "teacher", pair_root / "student")
+def test_default_pair_passes_and_the_report_is_written(pair_root, tmp_path):
+    layout = Layout(pair_root)
+    teacher, student = check_pair(layout.teacher_data, layout.student_data)
     assert teacher.meta.classes == student.meta.classes
     assert len(student.rows("train", labelled_only=True)) == 100
     assert student.meta.kind == "sequence" and teacher.meta.kind == "fixed"
     x, lengths = student.padded_sequences(student.rows("test"))
     assert x.shape[2] == 13 and lengths.min() >= 6 and lengths.max() <= 92
+    _copy(pair_root, tmp_path)
+    report = validate_pair.fn(Layout(tmp_path / "project"))
+    assert report["student"]["samples"] == {"train": 1800, "val": 600, "test": 600}
+    assert report["teacher"]["samples"]["train"] + report["teacher"]["samples"]["test"] > 1000
+    assert json.loads((tmp_path / "project/data/validated/report.json").read_text()) == report
 
 
 def _set(df, column, row, value):
@@ -165,13 +175,18 @@ def _append_labelled(root: Path) -> None:
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_dataset_is_refused_with_a_message_naming_the_place(case, pair_root, tmp_path):
     teacher, student = _copy(pair_root, tmp_path)
+    layout = Layout(tmp_path / "project")
+    layout.validation_report.parent.mkdir(parents=True)
+    layout.validation_report.write_text('{"previous": "good report"}')
     side, mutate, expected = BAD_CASES[case]
     mutate(teacher if side == "teacher" else student)
     with pytest.raises(DataContractError) as caught:
-        check_pair(teacher, student)
+        validate_pair.fn(layout)
     message = str(caught.value)
     assert f"file={teacher if side == 'teacher' else student}" in message
     assert re.search(expected, message), message
+    assert layout.validation_report.read_text() == '{"previous": "good report"}'
+    assert sorted(p.name for p in layout.validation_report.parent.iterdir()) == ["report.json"]
 
 
 def test_every_problem_is_reported_not_only_the_first(pair_root, tmp_path):
