@@ -8,6 +8,8 @@ batch and time dynamic; fixed-size students take ``x (batch, *sample_shape)``.
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +64,12 @@ def export_onnx(model: Classifier, example: Samples, path: str | Path, opset: in
     if example.is_sequence:
         shapes["x"][1] = torch.export.Dim("time", min=2, max=4096)
         shapes["lengths"] = {0: batch}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # Known-harmless exporter chatter: a deprecation inside torch and a note that the
+        # batch dimension of ``lengths`` shares the name of ``x``'s.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+        warnings.filterwarnings("ignore", message=r".*The axis name: batch will not be used")
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         program = torch.onnx.export(
             (_DeployableSequence if example.is_sequence else _Deployable)(model).eval(),
             inputs,
