@@ -45,6 +45,8 @@ class TeacherBank:
     head_bias: torch.Tensor
     classes: tuple[str, ...]
     info: dict = field(default_factory=dict)
+    ids: tuple[str, ...] = ()
+    """Sample ids of the rows (so paired student samples can find their teacher row)."""
 
     def __post_init__(self) -> None:
         self.check()
@@ -69,12 +71,24 @@ class TeacherBank:
             raise BankError(f"{where}: tensor 'features' holds NaN or inf")
         if n and (self.labels.min() < 0 or self.labels.max() >= c):
             raise BankError(f"{where}: tensor 'labels' holds an index outside 0..{c - 1}")
+        if self.ids and len(self.ids) != n:
+            raise BankError(f"{where}: {len(self.ids)} ids for {n} feature rows")
         if n and (self.splits.min() < 0 or self.splits.max() >= len(SPLITS)):
             raise BankError(f"{where}: tensor 'splits' holds a code outside 0..{len(SPLITS) - 1}")
 
     def split(self, name: str) -> torch.Tensor:
         """Boolean mask ``(N,)`` of the rows in split ``name``."""
         return self.splits == SPLITS.index(name)
+
+    def rows_of(self, keys: list[str], where: str = "pair") -> torch.Tensor:
+        """Bank row index ``(n,)`` of each id in ``keys``; an unknown key is an error."""
+        index = {key: i for i, key in enumerate(self.ids)}
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise BankError(
+                f"{where}: {len(missing)} key(s) not in the teacher bank, e.g. {missing[:3]}"
+            )
+        return torch.tensor([index[k] for k in keys], dtype=torch.long)
 
     def head(self) -> nn.Linear:
         """The teacher's head as a frozen ``nn.Linear(d, C)``."""
@@ -95,7 +109,11 @@ def save_bank(bank: TeacherBank, path: str | Path) -> None:
         "head_weight": bank.head_weight.float().contiguous(),
         "head_bias": bank.head_bias.float().contiguous(),
     }
-    metadata = {"classes": json.dumps(list(bank.classes)), "info": json.dumps(bank.info)}
+    metadata = {
+        "classes": json.dumps(list(bank.classes)),
+        "info": json.dumps(bank.info),
+        "ids": json.dumps(list(bank.ids)),
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -124,6 +142,7 @@ def load_bank(path: str | Path) -> TeacherBank:
             head_bias=tensors["head_bias"],
             classes=tuple(json.loads(metadata["classes"])),
             info=json.loads(metadata.get("info", "{}")),
+            ids=tuple(json.loads(metadata.get("ids", "[]"))),
         )
     except BankError as exc:
         raise BankError(f"{path}: {exc}") from None

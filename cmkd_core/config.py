@@ -51,12 +51,19 @@ class OTParams(_Strict):
     cost: Literal["cosine", "sqeuclidean", "euclidean", "l1", "chordal"] = "cosine"
     reg: float = Field(0.1, gt=0)
     num_iter: int = Field(100, ge=1)
+    label_cost: float = Field(0.0, ge=0)
+    """Extra cost for transporting between different classes (0: the authors' batch-level FA;
+    large: class-conditional OT). See cmkd_core.align.feature.feature_alignment."""
 
 
 class DistillParams(_Strict):
-    """Stage ``distill``: the student, the objective and the optimiser."""
+    """Stage ``distill``: the student, the method and the optimiser."""
 
-    method: Literal["joint", "ce"] = "joint"
+    method: str = "joint"
+    """A registered method: ce, fa, la, joint, bilevel, prototype_kd, mmd (no pairs needed);
+    hinton_kd, fitnet, c2kd (need ``pairing: paired``)."""
+    pairing: Literal["unpaired", "paired"] = "unpaired"
+    """unpaired: class-matched teacher rows per batch; paired: each sample's own pair."""
     model: str = "sequence_cnn"
     feature_dim: int = Field(64, ge=2)
     epochs: int = Field(60, ge=1)
@@ -69,6 +76,19 @@ class DistillParams(_Strict):
     w_fa: float = Field(1.0, ge=0)
     w_la: float = Field(1.0, ge=0)
     la_form: Literal["reference", "aligned"] = "aligned"
+    w_kd: float = Field(1.0, ge=0)
+    kd_temperature: float = Field(4.0, gt=0)
+    inner_lr: float = Field(5e-5, gt=0)
+    inner_steps_fa: int = Field(1, ge=0)
+    inner_steps_la: int = Field(1, ge=0)
+    unlabelled: bool = False
+    """Semi-supervised option: FA also between unlabelled student samples and bank rows drawn
+    by the bank's class proportions (methods that align features: fa, joint)."""
+    unlabelled_batch_size: int = Field(64, ge=2)
+    robustness: Literal[
+        "clean", "mild", "moderate", "hard", "marginal_mismatch", "domain_shift", "label_imbalance"
+    ] = "clean"
+    """Robustness preset applied to the train split (see cmkd_core.data.presets)."""
     ot: OTParams = OTParams()
     seed: int = 0
     device: str = "auto"

@@ -79,6 +79,8 @@ def feature_alignment(
     cost: Cost = "cosine",
     reg: float = 0.1,
     num_iter: int = 100,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    label_cost: float = 0.0,
 ) -> torch.Tensor:
     """FA loss, a scalar; gradients reach ``student_features``.
 
@@ -87,6 +89,13 @@ def feature_alignment(
     student_features : Tensor ``(B, d)``, projected into the teacher's feature space.
     teacher_features : Tensor ``(B', d)``, class-matched teacher-bank rows (no gradient needed).
     cost, reg, num_iter : ground cost, entropic regularisation, Sinkhorn iteration bound.
+    labels : optional ``(student_labels (B,), teacher_labels (B',))``.
+    label_cost : added to the cost of moving mass between different labels. The authors' FA
+        (``0``) aligns the two batch clouds as wholes, so a student sample of one class may be
+        matched to teacher rows of another; a large value (e.g. 2, the range of the cosine
+        cost) makes the plan block-diagonal, i.e. class-conditional OT.
     """
     m = cost_matrix(student_features.float(), teacher_features.float(), cost)
+    if labels is not None and label_cost > 0:
+        m = m + label_cost * (labels[0].unsqueeze(1) != labels[1].unsqueeze(0)).to(m.dtype)
     return _solve(m, reg, num_iter).value

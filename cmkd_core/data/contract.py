@@ -7,6 +7,9 @@ A dataset folder holds::
     *.npy          the arrays the manifest points into (float32, no pickles)
     labelled.csv   optional, student side: the ids of train samples whose labels may be used
 
+The manifest may carry a ``pair`` column (paired data): a student row's ``pair`` names the id of
+its teacher-modality sample.
+
 A sample is the rows ``offset .. offset + length`` of the ``.npy`` file named in ``file``
 (relative to the folder). For ``kind == "fixed"`` (images, vectors) ``length`` is 1 and the array
 has shape ``(rows, *sample_shape)``; for ``kind == "sequence"`` (audio frames, token vectors)
@@ -167,7 +170,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
     """Read ``manifest.csv`` with ids, labels, splits and files kept as strings."""
     return pd.read_csv(
         path,
-        dtype={"id": str, "label": str, "split": str, "file": str},
+        dtype={"id": str, "label": str, "split": str, "file": str, "pair": str},
         keep_default_na=False,
     )
 
@@ -251,7 +254,8 @@ def write_dataset(
         with atomic_path(root / name) as tmp, tmp.open("wb") as fh:
             np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
     with atomic_path(root / MANIFEST) as tmp:
-        manifest.loc[:, list(MANIFEST_COLUMNS)].to_csv(tmp, index=False)
+        optional = ["pair"] if "pair" in manifest.columns else []
+        manifest.loc[:, [*MANIFEST_COLUMNS, *optional]].to_csv(tmp, index=False)
     if labelled_ids is not None:
         with atomic_path(root / LABELLED) as tmp:
             pd.DataFrame({"id": list(labelled_ids)}).to_csv(tmp, index=False)

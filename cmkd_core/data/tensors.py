@@ -23,6 +23,8 @@ class Samples:
 
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor
+    pair_index: torch.Tensor | None = None
+    """``(N,)`` int64 teacher-bank row of each sample's pair (paired data only)."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -42,7 +44,8 @@ class Samples:
         return inputs, self.labels[index]
 
     def to(self, device: torch.device | str) -> Samples:
-        return Samples(tuple(t.to(device) for t in self.inputs), self.labels.to(device))
+        pairs = self.pair_index.to(device) if self.pair_index is not None else None
+        return Samples(tuple(t.to(device) for t in self.inputs), self.labels.to(device), pairs)
 
 
 def samples_of(

@@ -40,6 +40,8 @@ class ManifestSchema(pa.DataFrameModel):
     file: Series[str] = pa.Field(str_matches=r"^[^/].*\.npy$")
     offset: Series[int] = pa.Field(ge=0)
     length: Series[int] = pa.Field(ge=1)
+    pair: Series[str] | None = pa.Field(nullable=True)
+    """Optional pair key: a student row and the teacher row whose id it names form a pair."""
 
     class Config:
         strict = True

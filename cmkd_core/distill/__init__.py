@@ -1,7 +1,13 @@
 """The one training loop, the distillation objective and the training recipes."""
 
 from cmkd_core.distill.loop import BestCheckpoint, Callback, ProgressBar, fit, warmup_cosine
-from cmkd_core.distill.objective import METHODS, DistillObjective, objective_for
+from cmkd_core.distill.methods import (
+    Batch,
+    Method,
+    MethodError,
+    create_method,
+    list_methods,
+)
 from cmkd_core.distill.train import (
     TrainResult,
     TrainSettings,
@@ -14,16 +20,18 @@ from cmkd_core.distill.train import (
 )
 
 __all__ = [
-    "METHODS",
+    "Batch",
     "BestCheckpoint",
     "Callback",
-    "DistillObjective",
+    "Method",
+    "MethodError",
     "ProgressBar",
     "TrainResult",
     "TrainSettings",
+    "create_method",
     "extract_bank",
     "fit",
-    "objective_for",
+    "list_methods",
     "predict_features",
     "predict_logits",
     "resolve_device",

@@ -13,8 +13,9 @@ import torch
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data.contract import ModalityDataset
+from cmkd_core.data.presets import domain_shift, preset, restrict_bank
 from cmkd_core.data.tensors import Samples, samples_of, training_frames
-from cmkd_core.distill.objective import objective_for
+from cmkd_core.distill.methods import create_method
 from cmkd_core.distill.train import TrainResult, TrainSettings, seed_everything, train_classifier
 from cmkd_core.models import Classifier
 from cmkd_core.models.checkpoint import build_classifier
@@ -45,22 +46,12 @@ def split_samples(
     }
 
 
-def _fit(
-    spec: dict,
-    objective,
-    train: Samples,
-    val: Samples,
-    settings: TrainSettings,
-    device: torch.device,
-    bank: TeacherBank | None,
-    desc: str,
-) -> Fitted:
-    seed_everything(settings.seed)
+def _new_model(spec: dict, train: Samples, device: torch.device, seed: int) -> Classifier:
+    """A freshly initialised classifier (seeded) with train-split input statistics."""
+    seed_everything(seed)
     model = build_classifier(spec)
     model.encoder.norm.fit(training_frames(train.to("cpu")))
-    model.to(device)
-    result = train_classifier(model, objective, train, val, settings, bank=bank, desc=desc)
-    return Fitted(model, spec, result)
+    return model.to(device)
 
 
 def fit_teacher(
@@ -76,7 +67,7 @@ def fit_teacher(
         "num_classes": len(classes),
         "align_dim": None,
     }
-    objective = objective_for("ce", DistillParams(label_smoothing=params.label_smoothing))
+    method = create_method("ce", DistillParams(label_smoothing=params.label_smoothing))
     settings = TrainSettings(
         params.epochs,
         params.batch_size,
@@ -87,8 +78,9 @@ def fit_teacher(
         None,
         progress,
     )
-    fitted = _fit(spec, objective, data["train"], data["val"], settings, device, None, "teacher")
-    return fitted, data
+    model = _new_model(spec, data["train"], device, params.seed)
+    result = train_classifier(model, method, data["train"], data["val"], settings, desc="teacher")
+    return Fitted(model, spec, result), data
 
 
 def fit_student(
@@ -101,9 +93,27 @@ def fit_student(
 ) -> tuple[Fitted, dict[str, Samples]]:
     """Train a student with ``method`` on the labelled train samples, selected on val.
 
-    The student's class indices follow the bank's class list.
+    The student's class indices follow the bank's class list. ``params.pairing`` chooses
+    class-matched (unpaired) or instance-paired teacher rows; ``params.robustness`` thins the
+    bank and perturbs the training inputs (train split only); ``params.unlabelled`` adds the
+    unlabelled train samples to feature alignment.
     """
     data = split_samples(dataset, bank.classes, device, labelled_only=True)
+    if params.pairing == "paired":
+        if "pair" not in dataset.manifest.columns:
+            raise ValueError(f"{dataset.root}: pairing 'paired' needs a 'pair' column")
+        rows = dataset.rows("train", labelled_only=True)
+        data["train"].pair_index = bank.rows_of(list(rows["pair"]), str(dataset.root)).to(device)
+    robustness = preset(params.robustness)
+    if params.pairing == "paired" and robustness != preset("clean"):
+        raise ValueError("robustness presets apply to unpaired runs only")
+    bank = restrict_bank(bank, robustness, params.seed)
+    unlabelled = None
+    if params.unlabelled:
+        train = dataset.rows("train")
+        if dataset.labelled_ids is not None:
+            train = train[~train["id"].isin(dataset.labelled_ids)]
+        unlabelled = samples_of(dataset, train, bank.classes).to(device)
     spec = {
         "model": params.model,
         "sample_shape": list(dataset.meta.sample_shape),
@@ -111,8 +121,10 @@ def fit_student(
         "num_classes": len(bank.classes),
         "align_dim": int(bank.features.shape[1]),
     }
-    head = bank.head().to(device)
-    objective = objective_for(method, params, head)
+    model = _new_model(spec, data["train"], device, params.seed)
+    augment = None
+    if robustness.shift_level is not None:
+        augment = domain_shift(robustness.shift_level, model.encoder.norm.std)
     settings = TrainSettings(
         params.epochs,
         params.batch_size,
@@ -122,6 +134,18 @@ def fit_student(
         params.seed,
         params.grad_clip,
         progress,
+        params.unlabelled_batch_size,
     )
-    fitted = _fit(spec, objective, data["train"], data["val"], settings, device, bank, method)
-    return fitted, data
+    result = train_classifier(
+        model,
+        create_method(method, params, bank),
+        data["train"],
+        data["val"],
+        settings,
+        bank=bank,
+        pairing=params.pairing,
+        unlabelled=unlabelled,
+        augment=augment,
+        desc=method,
+    )
+    return Fitted(model, spec, result), data

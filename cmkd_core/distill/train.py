@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +14,7 @@ from cmkd_core.bank import TeacherBank
 from cmkd_core.data.samplers import ClassMatchedSampler, epoch_batches
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill.loop import BestCheckpoint, ProgressBar, fit, warmup_cosine
-from cmkd_core.distill.objective import DistillObjective
+from cmkd_core.distill.methods import Batch, Method, MethodError
 from cmkd_core.models import Classifier
 
 
@@ -46,6 +47,7 @@ class TrainSettings:
     seed: int
     grad_clip: float | None = None
     progress: bool = True
+    unlabelled_batch_size: int = 64
 
 
 @dataclass
@@ -84,44 +86,68 @@ def predict_features(model: Classifier, samples: Samples, batch_size: int = 512)
     return torch.cat(feats)
 
 
+Augment = Callable[[tuple[torch.Tensor, ...], torch.Generator], tuple[torch.Tensor, ...]]
+
+
 def train_classifier(
     model: Classifier,
-    objective: DistillObjective,
+    method: Method,
     train: Samples,
     val: Samples,
     settings: TrainSettings,
     *,
     bank: TeacherBank | None = None,
+    pairing: str = "unpaired",
+    unlabelled: Samples | None = None,
+    augment: Augment | None = None,
     desc: str = "train",
 ) -> TrainResult:
-    """Train ``model`` on ``train`` with ``objective``, select on ``val`` accuracy.
+    """Train ``model`` on ``train`` with ``method``, select on ``val`` accuracy.
 
-    When the objective needs the teacher, each batch of student labels gets class-matched rows
-    from the bank's train split (the teacher itself never runs). The model ends at the weights
-    of its best validation epoch. All tensors must already be on the model's device.
+    When the method needs the teacher, each batch gets teacher-bank rows: class-matched rows of
+    the bank's train split (``pairing="unpaired"``) or each sample's own pair (``"paired"``,
+    needs ``train.pair_index``). The teacher itself never runs. With ``unlabelled`` samples,
+    each batch also carries unlabelled student inputs and bank rows drawn in the bank's class
+    proportions. ``augment`` transforms the labelled training inputs of each batch. The model
+    ends at the weights of its best validation epoch; tensors must be on the model's device.
     """
     device = next(model.parameters()).device
+    method.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
-    sampler, bank_features = None, None
-    if objective.needs_teacher:
+    if method.needs_pairs and pairing != "paired":
+        raise MethodError(
+            f"method {method.name!r} needs instance pairs and refuses unpaired data; "
+            "use it with pairing 'paired' on a dataset whose manifest has a 'pair' column"
+        )
+    if pairing == "paired" and train.pair_index is None:
+        raise MethodError(f"{desc}: pairing 'paired' but the training samples carry no pair keys")
+    sampler, bank_features, bank_train = None, None, None
+    if method.needs_teacher:
         if bank is None:
-            raise ValueError(f"{desc}: this objective needs a teacher bank")
-        keep = bank.split("train")
-        bank_features = bank.features[keep].to(device)
-        sampler = ClassMatchedSampler(bank.labels[keep], len(bank.classes))
+            raise MethodError(f"{desc}: method {method.name!r} needs a teacher bank")
+        bank_features = bank.features.to(device)
+        bank_train = torch.nonzero(bank.split("train")).flatten()
+        sampler = ClassMatchedSampler(bank.labels[bank_train], len(bank.classes))
 
-    def batches(epoch: int):
+    def batches(epoch: int) -> Iterator[Batch]:
         for index in epoch_batches(len(train), settings.batch_size, generator):
             inputs, labels = train.take(index)
-            teacher = None
+            if augment is not None:
+                inputs = augment(inputs, generator)
+            batch = Batch(inputs, labels)
             if sampler is not None:
-                rows = sampler.draw(labels.cpu(), generator)
-                teacher = bank_features[rows.to(device)]
-            yield inputs, labels, teacher
-
-    def step(batch):
-        inputs, labels, teacher = batch
-        return objective(model, inputs, labels, teacher)
+                if pairing == "paired":
+                    rows = train.pair_index[index.to(train.labels.device)]
+                else:
+                    rows = bank_train[sampler.draw(labels.cpu(), generator)]
+                batch.teacher_features = bank_features[rows.to(device)]
+                if unlabelled is not None and len(unlabelled) > 1:
+                    size = min(len(unlabelled), settings.unlabelled_batch_size)
+                    pick = torch.randperm(len(unlabelled), generator=generator)[:size]
+                    batch.unlabelled = unlabelled.take(pick)[0]
+                    drawn = torch.randint(len(bank_train), (size,), generator=generator)
+                    batch.unlabelled_teacher = bank_features[bank_train[drawn].to(device)]
+            yield batch
 
     def validate() -> dict[str, float]:
         logits = predict_logits(model, val)
@@ -132,6 +158,7 @@ def train_classifier(
 
     steps_per_epoch = len(list(epoch_batches(len(train), settings.batch_size, torch.Generator())))
     params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -141,7 +168,7 @@ def train_classifier(
     callbacks = [best, ProgressBar(settings.epochs, desc, disable=not settings.progress)]
     history = fit(
         model,
-        step,
+        lambda batch: method(model, batch),
         batches,
         validate,
         epochs=settings.epochs,
@@ -159,6 +186,7 @@ def extract_bank(
     splits: torch.Tensor,
     classes: tuple[str, ...],
     info: dict,
+    ids: tuple[str, ...] = (),
 ) -> TeacherBank:
     """Run the teacher once over every sample and keep what distillation needs.
 
@@ -173,4 +201,5 @@ def extract_bank(
         head_bias=teacher.head.bias.detach().cpu().clone(),
         classes=tuple(classes),
         info=info,
+        ids=tuple(ids),
     )

@@ -103,3 +103,18 @@ def test_aligned_label_term_pulls_features_towards_the_right_class():
 def test_label_alignment_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="teacher_head_logits"):
         label_alignment(torch.randn(3, 4), torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_label_cost_makes_the_plan_class_conditional():
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    m = cost_matrix(x, y) + 10.0 * (labels[:, None] != labels[None, :]).float()
+    from cmkd_core.align.feature import _solve
+
+    plan = _solve(m, reg=0.1, num_iter=1000).plan
+    off_class = plan[labels[:, None] != labels[None, :]].sum()
+    assert off_class < 1e-6  # all mass stays within each class
+    plain = feature_alignment(x, y, reg=0.1)
+    conditional = feature_alignment(x, y, reg=0.1, labels=(labels, labels), label_cost=10.0)
+    assert conditional > plain  # the class constraint can only make transport dearer

@@ -1,0 +1,25 @@
+"""Distillation methods, one small module each, behind a registry.
+
+Registered: ``ce``, ``fa``, ``la``, ``joint``, ``bilevel`` (the paper); ``prototype_kd`` and
+``mmd`` (baselines without pairs); ``hinton_kd``, ``fitnet`` and ``c2kd`` (baselines that need
+pairs and refuse unpaired data).
+"""
+
+from cmkd_core.distill.methods import bilevel, paired, unpaired  # noqa: F401  (registration)
+from cmkd_core.distill.methods.base import Batch, Method, MethodError
+from cmkd_core.distill.methods.registry import (
+    create_method,
+    list_methods,
+    method_class,
+    register_method,
+)
+
+__all__ = [
+    "Batch",
+    "Method",
+    "MethodError",
+    "create_method",
+    "list_methods",
+    "method_class",
+    "register_method",
+]

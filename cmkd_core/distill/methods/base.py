@@ -1,0 +1,116 @@
+"""What every distillation method shares: the batch it sees and the CE term it adds to.
+
+A method is a module that turns one :class:`Batch` into named loss terms with ``"loss"`` the
+one optimised. Most methods only add weighted terms to cross-entropy (:meth:`Method.extra`);
+``bilevel`` overrides :meth:`Method.forward`. The training loop is the same for all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmkd_core.align import feature_alignment
+from cmkd_core.bank import TeacherBank
+from cmkd_core.config import DistillParams
+from cmkd_core.models import Classifier
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    inputs : the student's labelled inputs, e.g. ``(x (B, T, F), lengths (B,))``.
+    labels : Tensor ``(B,)`` int64.
+    teacher_features : Tensor ``(B, d_T)``: bank rows of the same classes (unpaired) or the
+        paired teacher samples themselves (paired); ``None`` for methods without a teacher.
+    unlabelled : inputs of unlabelled student samples ``(U, ...)``, or ``None``.
+    unlabelled_teacher : Tensor ``(U, d_T)``, bank rows drawn by the bank's class proportions.
+    """
+
+    inputs: tuple[torch.Tensor, ...]
+    labels: torch.Tensor
+    teacher_features: torch.Tensor | None = None
+    unlabelled: tuple[torch.Tensor, ...] | None = None
+    unlabelled_teacher: torch.Tensor | None = None
+
+
+class MethodError(ValueError):
+    """A method cannot run on this data (for example, it needs pairs and there are none)."""
+
+
+class Method(nn.Module):
+    """Base class: CE with label smoothing plus the weighted terms of :meth:`extra`."""
+
+    name = "base"
+    needs_teacher = True
+    needs_pairs = False
+    aligns_features = False  # whether the semi-supervised option adds FA on unlabelled data
+
+    def __init__(self, params: DistillParams, bank: TeacherBank | None = None):
+        super().__init__()
+        if self.needs_teacher and bank is None:
+            raise MethodError(f"method {self.name!r} needs a teacher bank")
+        self.params = params
+        self.teacher_head = bank.head() if bank is not None else None
+
+    def extra(
+        self, model: Classifier, batch: Batch, features: torch.Tensor, logits: torch.Tensor
+    ) -> dict[str, tuple[float, torch.Tensor]]:
+        """Named ``(weight, term)`` pairs added to CE; ``features (B, d_S)``, ``logits (B, C)``."""
+        return {}
+
+    def fa(
+        self,
+        model: Classifier,
+        features: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Feature alignment of student features ``(B, d_S)`` to teacher rows ``(B, d_T)``;
+        with ``labels (B,)`` (shared by both sides: rows are class-matched or paired) the
+        ``ot.label_cost`` penalty applies."""
+        ot = self.params.ot
+        pair_labels = (labels, labels) if labels is not None else None
+        return feature_alignment(
+            model.projector(features),
+            teacher,
+            ot.cost,
+            ot.reg,
+            ot.num_iter,
+            pair_labels,
+            ot.label_cost,
+        )
+
+    def forward(self, model: Classifier, batch: Batch) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch; ``"loss"`` is CE plus the weighted extra terms."""
+        features = model.features(*batch.inputs)
+        logits = model.head(features)
+        terms = {
+            "ce": F.cross_entropy(logits, batch.labels, label_smoothing=self.params.label_smoothing)
+        }
+        loss = terms["ce"]
+        extra = self.extra(model, batch, features, logits)
+        if self.aligns_features and self.params.unlabelled and batch.unlabelled is not None:
+            assert batch.unlabelled_teacher is not None
+            unlabelled = model.features(*batch.unlabelled)
+            extra["fa_unlabelled"] = (
+                self.params.w_fa,
+                self.fa(model, unlabelled, batch.unlabelled_teacher),
+            )
+        for name, (weight, value) in extra.items():
+            terms[name] = value
+            loss = loss + weight * value
+        terms["loss"] = loss
+        return terms
+
+
+def kd_divergence(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float
+) -> torch.Tensor:
+    """Hinton's ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``; inputs ``(B, C)``."""
+    target = F.softmax(teacher_logits / t, dim=1)
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), target, reduction="batchmean") * t * t
