@@ -8,12 +8,15 @@ import json
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from cmkd_core.align.measure import alignment, pca_2d, projected_features
+from cmkd_core.bank import load_bank
 from cmkd_core.data import atomic_path, check_dataset, write_text_atomic
 from cmkd_core.data.tensors import samples_of
 from cmkd_core.distill import predict_logits
@@ -88,14 +91,50 @@ def _confusion(y_true, y_pred, classes: list[str], method: str, plots: Path) -> 
     _save_png(fig, plots / "confusion.png")
 
 
+def _feature_map(bank, dataset, models: dict, plots: Path, per_class: int = 60) -> None:
+    """Bank rows and each student's projected validation features in one 2-D PCA frame."""
+    train = torch.nonzero(bank.split("train")).flatten()
+    keep = torch.cat([train[bank.labels[train] == c][:per_class] for c in range(len(bank.classes))])
+    clouds = {"teacher": (bank.features[keep], bank.labels[keep])}
+    for role, model in models.items():
+        clouds[role] = projected_features(model, dataset, bank.classes)
+    flat = pca_2d(*(f for f, _ in clouds.values()))
+    rows = [
+        {"x": float(x), "y": float(y), "source": role, "class": bank.classes[int(c)]}
+        for (role, (_, labels)), points in zip(clouds.items(), flat, strict=True)
+        for (x, y), c in zip(points, labels, strict=True)
+    ]
+    write_text_atomic(plots / "features_2d.csv", _csv(rows))
+    students = [r for r in clouds if r != "teacher"]
+    fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students), 4.6), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, role in zip(axes[0], students, strict=True):
+        for name, marker, size, alpha in (("teacher", "o", 10, 0.35), (role, "x", 14, 0.9)):
+            labels = clouds[name][1].numpy()
+            points = flat[list(clouds).index(name)]
+            ax.scatter(
+                points[:, 0],
+                points[:, 1],
+                c=[cmap(k % 10) for k in labels],
+                s=size,
+                marker=marker,
+                alpha=alpha,
+                linewidths=0.8,
+            )
+        ax.set(title=f"{role}: x = student (val), o = teacher bank", xticks=[], yticks=[])
+    _save_png(fig, plots / "features_2d.png")
+
+
 @task(name="evaluate-students", cache_policy=NONE)
 def evaluate_students(layout: Layout, method: str) -> dict:
     """Test accuracy and macro-F1 of each student at its best-validation epoch, plus plots."""
     teacher = json.loads(layout.teacher_metrics.read_text())
-    results, histories, predictions = {}, {}, {}
+    results, histories, predictions, models = {}, {}, {}, {}
     classes: list[str] = []
+    bank = load_bank(layout.bank)
     for name in methods_of(method):
         model, _, info = load_classifier(layout.student_weights(name))
+        models[name] = model
         classes = info["classes"]
         dataset = check_dataset(layout.student_data, classes=classes)
         test = samples_of(dataset, dataset.rows("test"), classes)
@@ -109,6 +148,7 @@ def evaluate_students(layout: Layout, method: str) -> dict:
             "best_epoch": info["best_epoch"],
             "labelled_train": info["labelled_train"],
             "n_test": report["n"],
+            **alignment(model, bank, dataset),
         }
         histories[name] = json.loads(layout.history(name).read_text())["history"]
         predictions[name] = (y_true, y_pred)
@@ -125,6 +165,10 @@ def evaluate_students(layout: Layout, method: str) -> dict:
     layout.plots.mkdir(parents=True, exist_ok=True)
     _learning_curves(histories, layout.plots)
     _confusion(*predictions[method], classes, method, layout.plots)
+    roles = {"student_ce_only": models["ce"], f"student_{method}": models[method]}
+    _feature_map(
+        bank, dataset, roles if method != "ce" else {"student_ce": models["ce"]}, layout.plots
+    )
     write_json(layout.metrics, metrics)
     get_run_logger().info("metrics: %s", json.dumps(metrics))
     return metrics

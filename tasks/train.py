@@ -39,7 +39,8 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     everything = samples_of(dataset, dataset.manifest).to(device)
     splits = torch.tensor([SPLITS.index(s) for s in dataset.manifest["split"]])
     info = {"dataset": dataset.meta.name, "modality": dataset.meta.modality, **metrics}
-    bank = extract_bank(fitted.model, everything, splits, dataset.meta.classes, info)
+    ids = tuple(dataset.manifest["id"])
+    bank = extract_bank(fitted.model, everything, splits, dataset.meta.classes, info, ids)
     save_classifier(fitted.model, fitted.spec, layout.teacher_weights, info)
     save_bank(bank, layout.bank)
     write_json(layout.teacher_metrics, {**metrics, "history": fitted.result.history})

@@ -21,8 +21,8 @@ from tasks.dvc import stage_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
-    "teacher": {"epochs": 3, "feature_dim": 32},
-    "distill": {"epochs": 3, "batch_size": 32},
+    "teacher": {"epochs": 3, "feature_dim": 32, "warmup_epochs": 1},
+    "distill": {"epochs": 8, "batch_size": 32, "warmup_epochs": 1},
 }
 
 
@@ -77,8 +77,17 @@ def test_pipeline_flow_runs_every_stage_and_reports(pipeline_run, scratch_repo):
     )
     assert metrics["teacher"]["test_accuracy"] > 0.5
     plots = scratch_repo / "data" / "evaluate" / "plots"
-    for name in ("learning_curves.csv", "confusion.csv", "learning_curves.png", "confusion.png"):
+    for name in (
+        "learning_curves.csv",
+        "confusion.csv",
+        "learning_curves.png",
+        "confusion.png",
+        "features_2d.csv",
+        "features_2d.png",
+    ):
         assert (plots / name).stat().st_size > 0, name
+    for role in ("student", "ce_only"):
+        assert metrics[role]["fa_distance"] > 0 and 0 <= metrics[role]["la_distance"] <= 1
     assert (plots / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     lock = yaml.safe_load((scratch_repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
