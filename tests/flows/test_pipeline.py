@@ -113,42 +113,32 @@ def test_onnx_student_reproduces_the_reported_test_accuracy(pipeline_run, scratc
     assert np.isfinite(card["metrics"]["onnx_max_abs_logit_diff"])
 
 
-def test_second_dvc_repro_finds_everything_up_to_date(pipeline_run, scratch_repo):
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro"],
-        cwd=scratch_repo,
+def _python(repo: Path, *args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m ARGS`` in ``repo`` with the stage environment; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=repo,
         capture_output=True,
         text=True,
-        env=stage_environment(_api_url()),
+        env=stage_environment(api_url),
         check=False,
     )
+
+
+def test_second_dvc_repro_finds_everything_up_to_date(pipeline_run, scratch_repo):
+    done = _python(scratch_repo, "dvc", "repro", api_url=_api_url())
     assert done.returncode == 0, done.stderr
     assert "Data and pipelines are up to date." in done.stdout
     assert "Running stage" not in done.stdout
 
 
 def test_changed_param_reruns_only_what_depends_on_it(pipeline_run, scratch_repo):
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "status"],
-        cwd=scratch_repo,
-        capture_output=True,
-        text=True,
-        env=stage_environment(None),
-        check=True,
-    )
-    assert "up to date" in done.stdout
+    assert "up to date" in _python(scratch_repo, "dvc", "status").stdout
     params = yaml.safe_load((scratch_repo / "params.yaml").read_text())
     params["export"]["atol"] = 0.0002
     (scratch_repo / "params.yaml").write_text(yaml.safe_dump(params))
     try:
-        status = subprocess.run(
-            [sys.executable, "-m", "dvc", "status"],
-            cwd=scratch_repo,
-            capture_output=True,
-            text=True,
-            env=stage_environment(None),
-            check=True,
-        ).stdout
+        status = _python(scratch_repo, "dvc", "status").stdout
         assert "export:" in status and "distill:" not in status and "teacher:" not in status
     finally:
         params["export"]["atol"] = 0.0001
@@ -165,27 +155,12 @@ def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratc
     frames[5, 3] = np.nan
     (student / "mfcc.npy").chmod(0o644)
     np.save(student / "mfcc.npy", frames)
-    env = stage_environment(_api_url())
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "validate"],
-        cwd=scratch_repo,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    done = _python(scratch_repo, "flows.cli", "stage", "validate", api_url=_api_url())
     assert done.returncode == 2
     assert "mfcc.npy column=- row=0 check=finite: NaN or inf values" in done.stderr
     assert report.read_bytes() == before
     # Through DVC, from validate on: the failure stops the chain before any later stage.
-    repro = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "--downstream", "validate"],
-        cwd=scratch_repo,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    repro = _python(scratch_repo, "dvc", "repro", "--downstream", "validate", api_url=_api_url())
     assert repro.returncode != 0
     assert "Running stage 'validate'" in repro.stdout
     assert "Running stage 'teacher'" not in repro.stdout
