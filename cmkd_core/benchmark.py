@@ -22,15 +22,14 @@ from scipy import stats
 from cmkd_core.align.measure import alignment
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DistillParams, TeacherParams
-from cmkd_core.data.contract import SPLITS, ModalityDataset
+from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.defaults import (
     audio_dataset,
     image_dataset,
     labelled_subset,
     mnist_pair,
 )
-from cmkd_core.data.tensors import samples_of
-from cmkd_core.distill import extract_bank, predict_logits
+from cmkd_core.distill import accuracy_of, extract_bank, predict_logits
 from cmkd_core.distill.methods import method_class
 from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.metrics import classification_report
@@ -75,15 +74,9 @@ def load_pair(
 def build_bank(teacher_ds: ModalityDataset, params: TeacherParams) -> tuple[TeacherBank, float]:
     """Train the teacher (selected on val) and bank it; returns the bank and test accuracy."""
     fitted, data = fit_teacher(teacher_ds, params, torch.device("cpu"), progress=False)
-    test = data["test"]
-    accuracy = float((predict_logits(fitted.model, test).argmax(1) == test.labels).float().mean())
-    everything = samples_of(teacher_ds, teacher_ds.manifest)
-    splits = torch.tensor([SPLITS.index(s) for s in teacher_ds.manifest["split"]])
-    ids = tuple(teacher_ds.manifest["id"])
+    accuracy = accuracy_of(fitted.model, data["test"])
     info = {"test_accuracy": accuracy, "val_accuracy": fitted.result.best_val_accuracy}
-    return extract_bank(
-        fitted.model, everything, splits, teacher_ds.meta.classes, info, ids
-    ), accuracy
+    return extract_bank(fitted.model, teacher_ds, info), accuracy
 
 
 def shuffled_bank(bank: TeacherBank) -> TeacherBank:

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from cmkd_core.bank import load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data import check_dataset
-from cmkd_core.data.contract import SPLITS
-from cmkd_core.data.tensors import samples_of
-from cmkd_core.distill import extract_bank, predict_logits, resolve_device
+from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.models.checkpoint import save_classifier
 from tasks.data import write_json
 from tasks.layout import Layout
-
-
-def _accuracy(model, samples) -> float:
-    return float((predict_logits(model, samples).argmax(1) == samples.labels).float().mean())
 
 
 @task(name="train-teacher", cache_policy=NONE)
@@ -33,14 +26,11 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     metrics = {
         "best_epoch": fitted.result.best_epoch,
         "val_accuracy": fitted.result.best_val_accuracy,
-        "test_accuracy": _accuracy(fitted.model, data["test"]),
+        "test_accuracy": accuracy_of(fitted.model, data["test"]),
         "device": str(device),
     }
-    everything = samples_of(dataset, dataset.manifest).to(device)
-    splits = torch.tensor([SPLITS.index(s) for s in dataset.manifest["split"]])
     info = {"dataset": dataset.meta.name, "modality": dataset.meta.modality, **metrics}
-    ids = tuple(dataset.manifest["id"])
-    bank = extract_bank(fitted.model, everything, splits, dataset.meta.classes, info, ids)
+    bank = extract_bank(fitted.model, dataset, info, device)
     save_classifier(fitted.model, fitted.spec, layout.teacher_weights, info)
     save_bank(bank, layout.bank)
     write_json(layout.teacher_metrics, {**metrics, "history": fitted.result.history})

@@ -11,6 +11,7 @@ from cmkd_core.distill.methods import (
 from cmkd_core.distill.train import (
     TrainResult,
     TrainSettings,
+    accuracy_of,
     extract_bank,
     predict_features,
     predict_logits,
@@ -28,6 +29,7 @@ __all__ = [
     "ProgressBar",
     "TrainResult",
     "TrainSettings",
+    "accuracy_of",
     "create_method",
     "extract_bank",
     "fit",

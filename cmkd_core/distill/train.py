@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from cmkd_core.bank import TeacherBank
+from cmkd_core.data.contract import SPLITS, ModalityDataset
 from cmkd_core.data.samplers import ClassMatchedSampler, epoch_batches
-from cmkd_core.data.tensors import Samples
+from cmkd_core.data.tensors import Samples, samples_of
 from cmkd_core.distill.loop import BestCheckpoint, ProgressBar, fit, warmup_cosine
 from cmkd_core.distill.methods import Batch, Method, MethodError
 from cmkd_core.models import Classifier
@@ -180,26 +181,26 @@ def train_classifier(
     return TrainResult(history, best.best_epoch, best.best_value)
 
 
-def extract_bank(
-    teacher: Classifier,
-    samples: Samples,
-    splits: torch.Tensor,
-    classes: tuple[str, ...],
-    info: dict,
-    ids: tuple[str, ...] = (),
-) -> TeacherBank:
-    """Run the teacher once over every sample and keep what distillation needs.
+def accuracy_of(model: Classifier, samples: Samples) -> float:
+    """Share of ``samples`` whose predicted class equals their label."""
+    return float((predict_logits(model, samples).argmax(1) == samples.labels).float().mean())
 
-    ``splits`` has shape ``(N,)`` with codes into ``("train", "val", "test")``.
-    """
+
+def extract_bank(
+    teacher: Classifier, dataset: ModalityDataset, info: dict, device: torch.device | str = "cpu"
+) -> TeacherBank:
+    """Run the teacher once over every sample of its ``dataset`` (manifest order) and keep what
+    distillation needs: features, labels, split codes, ids and the head's weights."""
+    manifest = dataset.manifest
+    samples = samples_of(dataset, manifest).to(device)
     features = predict_features(teacher, samples).cpu()
     return TeacherBank(
         features=features,
         labels=samples.labels.cpu(),
-        splits=splits.long(),
+        splits=torch.tensor([SPLITS.index(s) for s in manifest["split"]]),
         head_weight=teacher.head.weight.detach().cpu().clone(),
         head_bias=teacher.head.bias.detach().cpu().clone(),
-        classes=tuple(classes),
+        classes=tuple(dataset.meta.classes),
         info=info,
-        ids=tuple(ids),
+        ids=tuple(manifest["id"]),
     )

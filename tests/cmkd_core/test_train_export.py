@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from cmkd_core.data import check_pair
-from cmkd_core.data.contract import SPLITS
-from cmkd_core.data.tensors import samples_of
 from cmkd_core.distill import extract_bank, predict_logits
 from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.export import ParityError, check_parity, export_onnx, onnx_logits
@@ -23,9 +21,7 @@ def trained(pair_root, tiny_params):
     prepared = pair_root / "data" / "prepared"
     teacher_ds, student_ds = check_pair(prepared / "teacher", prepared / "student")
     fitted, _ = fit_teacher(teacher_ds, tiny_params.teacher, CPU, progress=False)
-    everything = samples_of(teacher_ds, teacher_ds.manifest)
-    splits = torch.tensor([SPLITS.index(s) for s in teacher_ds.manifest["split"]])
-    bank = extract_bank(fitted.model, everything, splits, teacher_ds.meta.classes, {})
+    bank = extract_bank(fitted.model, teacher_ds, {})
     student, data = fit_student(student_ds, bank, tiny_params.distill, "joint", CPU, progress=False)
     return {"teacher": fitted, "bank": bank, "student": student, "data": data, "ds": student_ds}
 
