@@ -130,16 +130,15 @@ def evaluate_students(layout: Layout, method: str) -> dict:
     """Test accuracy and macro-F1 of each student at its best-validation epoch, plus plots."""
     teacher = json.loads(layout.teacher_metrics.read_text())
     results, histories, predictions, models = {}, {}, {}, {}
-    classes: list[str] = []
     bank = load_bank(layout.bank)
+    classes = list(bank.classes)  # the students' class indices follow the bank's
+    dataset = check_dataset(layout.student_data, classes=classes)
+    test = samples_of(dataset, dataset.rows("test"), classes)
+    y_true = test.labels.numpy()
     for name in methods_of(method):
         model, _, info = load_classifier(layout.student_weights(name))
         models[name] = model
-        classes = info["classes"]
-        dataset = check_dataset(layout.student_data, classes=classes)
-        test = samples_of(dataset, dataset.rows("test"), classes)
         y_pred = predict_logits(model, test).argmax(1).numpy()
-        y_true = test.labels.numpy()
         report = classification_report(y_true, y_pred, len(classes))
         results[name] = {
             "test_accuracy": report["accuracy"],
