@@ -9,8 +9,10 @@ the shuffle is regularisation, not knowledge from the teacher.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -96,58 +98,137 @@ def with_budget(dataset: ModalityDataset, per_class: int | None, seed: int) -> M
     return replace(dataset, labelled_ids=frozenset(dataset.manifest.loc[mask, "id"]))
 
 
-def run_grid(
-    grid: Grid, wheel: str | Path, log: Callable[[str], None] = print
-) -> tuple[list[dict], dict]:
-    """Train every run of ``grid``; returns one record per run and per-pair teacher facts."""
-    records: list[dict] = []
-    teachers: dict[str, dict] = {}
+@dataclass(frozen=True)
+class Run:
+    """One training run of the grid; ``index`` orders the records as the grid lists them."""
+
+    index: int
+    pair: str
+    budget: int | None
+    seed: int
+    pairing: str
+    method: str
+    shuffled: bool
+
+
+BankProvider = Callable[[str, ModalityDataset, TeacherParams], tuple[TeacherBank, float]]
+
+
+def plan(grid: Grid, pairings: dict[str, tuple[str, ...]]) -> list[Run]:
+    """Every run of ``grid`` in table order; ``pairings`` gives each pair's pairing modes."""
+    runs: list[Run] = []
     for pair in grid.pairs:
-        teacher_ds, student_ds = load_pair(pair, wheel)
-        bank, teacher_accuracy = build_bank(teacher_ds, grid.teacher)
-        control = shuffled_bank(bank)
-        teachers[pair] = {"test_accuracy": teacher_accuracy, "rows": len(bank.labels)}
-        log(f"[{pair}] teacher test accuracy {teacher_accuracy:.4f}")
-        pairings = ("unpaired", "paired") if "pair" in student_ds.manifest else ("unpaired",)
-        model = "sequence_cnn" if student_ds.meta.kind == "sequence" else "image_cnn"
         for budget in grid.budgets:
             for seed in grid.seeds:
-                data = with_budget(student_ds, budget, seed)
-                for pairing in pairings:
+                for pairing in pairings[pair]:
                     for method, shuffled in _runs(grid, pairing):
-                        params = grid.distill.model_copy(
-                            update={"seed": seed, "pairing": pairing, "model": model}
-                        )
-                        start = time.perf_counter()
-                        fitted, split = fit_student(
-                            data,
-                            control if shuffled else bank,
-                            params,
-                            method,
-                            torch.device("cpu"),
-                            progress=False,
-                        )
-                        seconds = time.perf_counter() - start
-                        test = split["test"]
-                        pred = predict_logits(fitted.model, test).argmax(1).numpy()
-                        report = classification_report(test.labels.numpy(), pred, len(bank.classes))
-                        record = {
-                            "pair": pair,
-                            "pairing": pairing,
-                            "budget": "all" if budget is None else budget,
-                            "seed": seed,
-                            "method": method,
-                            "control": "shuffled" if shuffled else "",
-                            "test_accuracy": report["accuracy"],
-                            "test_macro_f1": report["macro_f1"],
-                            "val_accuracy": fitted.result.best_val_accuracy,
-                            "best_epoch": fitted.result.best_epoch,
-                            "seconds": seconds,
-                            **alignment(fitted.model, bank, data),
-                        }
-                        records.append(record)
-                        log(_record_line(record))
-    return records, teachers
+                        runs.append(Run(len(runs), pair, budget, seed, pairing, method, shuffled))
+    return runs
+
+
+def run_one(run: Run, student: ModalityDataset, bank: TeacherBank, distill: DistillParams) -> dict:
+    """Train the student of ``run`` on CPU against ``bank`` (already shuffled for a control) and
+    return its record: test accuracy and macro-F1, selection facts, seconds, alignment."""
+    data = with_budget(student, run.budget, run.seed)
+    model = "sequence_cnn" if student.meta.kind == "sequence" else "image_cnn"
+    params = distill.model_copy(update={"seed": run.seed, "pairing": run.pairing, "model": model})
+    start = time.perf_counter()
+    fitted, split = fit_student(data, bank, params, run.method, torch.device("cpu"), progress=False)
+    seconds = time.perf_counter() - start
+    test = split["test"]
+    pred = predict_logits(fitted.model, test).argmax(1).numpy()
+    report = classification_report(test.labels.numpy(), pred, len(bank.classes))
+    return {
+        "pair": run.pair,
+        "pairing": run.pairing,
+        "budget": "all" if run.budget is None else run.budget,
+        "seed": run.seed,
+        "method": run.method,
+        "control": "shuffled" if run.shuffled else "",
+        "test_accuracy": report["accuracy"],
+        "test_macro_f1": report["macro_f1"],
+        "val_accuracy": fitted.result.best_val_accuracy,
+        "best_epoch": fitted.result.best_epoch,
+        "seconds": seconds,
+        **alignment(fitted.model, bank, data),
+    }
+
+
+def _worker_start() -> None:
+    torch.set_num_threads(1)  # one core per worker process: the runs are the parallelism
+
+
+def run_grid(
+    grid: Grid,
+    wheel: str | Path,
+    log: Callable[[str], None] = print,
+    jobs: int = 1,
+    bank_for: BankProvider | None = None,
+    done: Iterable[dict] = (),
+    on_record: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Train every run of ``grid``; returns one record per run (in table order) and per-pair
+    teacher facts.
+
+    ``jobs > 1`` trains that many runs at a time in worker processes of one thread each (the
+    longest budgets first); ``bank_for(pair, teacher_dataset, teacher_params)`` supplies each
+    pair's bank and teacher test accuracy (default: train the teacher with :func:`build_bank`).
+    Runs whose record is in ``done`` (same pair, pairing, budget, seed, method and control) are
+    not trained again; ``on_record`` sees each new record as soon as its run ends.
+    """
+    provide = bank_for or (lambda _pair, dataset, params: build_bank(dataset, params))
+    students: dict[str, ModalityDataset] = {}
+    banks: dict[tuple[str, bool], TeacherBank] = {}
+    teachers: dict[str, dict] = {}
+    for pair in grid.pairs:
+        teacher_ds, students[pair] = load_pair(pair, wheel)
+        bank, teacher_accuracy = provide(pair, teacher_ds, grid.teacher)
+        banks[pair, False], banks[pair, True] = bank, shuffled_bank(bank)
+        teachers[pair] = {"test_accuracy": teacher_accuracy, "rows": len(bank.labels)}
+        log(f"[{pair}] teacher test accuracy {teacher_accuracy:.4f}")
+    pairings = {
+        pair: ("unpaired", "paired") if "pair" in ds.manifest else ("unpaired",)
+        for pair, ds in students.items()
+    }
+    previous = {_key_of(r): r for r in done}
+    records: dict[int, dict] = {}
+    runs = []
+    for run in plan(grid, pairings):
+        if _key_of(run) in previous:
+            records[run.index] = previous[_key_of(run)]
+        else:
+            runs.append(run)
+
+    def args_of(run: Run) -> tuple:
+        return run, students[run.pair], banks[run.pair, run.shuffled], grid.distill
+
+    def finished(run: Run, record: dict) -> None:
+        records[run.index] = record
+        if on_record is not None:
+            on_record(record)
+        log(_record_line(record))
+
+    if jobs <= 1:
+        for run in runs:
+            finished(run, run_one(*args_of(run)))
+    else:
+        # Spawned, not forked: a fork of a process that has run torch's thread pool can hang.
+        context = multiprocessing.get_context("spawn")
+        longest_first = sorted(runs, key=lambda r: (r.budget is not None, r.budget or 0))
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
+            futures = {pool.submit(run_one, *args_of(run)): run for run in longest_first}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    return [records[i] for i in sorted(records)], teachers
+
+
+def _key_of(item: Run | dict) -> tuple:
+    """What identifies a run across files: pair, pairing, budget, seed, method, control."""
+    if isinstance(item, Run):
+        budget = "all" if item.budget is None else item.budget
+        control = "shuffled" if item.shuffled else ""
+        return item.pair, item.pairing, budget, item.seed, item.method, control
+    return tuple(item[k] for k in ("pair", "pairing", "budget", "seed", "method", "control"))
 
 
 def _runs(grid: Grid, pairing: str) -> Iterable[tuple[str, bool]]:

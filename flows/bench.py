@@ -6,20 +6,37 @@ unpaired), every method, 5 and 10 labels per class, 3 seeds, shuffled-teacher co
 controls for ``fa``, ``la`` and ``joint``. Writes ``NAME.json`` (every run, the summary, the
 grid) and ``NAME.md`` (the table) under ``--out``, and prints the table; NAME is
 ``methods-quick`` or ``methods`` unless ``--name`` says otherwise.
+
+Runs go to ``--jobs`` worker processes (default: one per core). Each finished run is appended
+to ``NAME.runs.jsonl`` at once; rerunning the same command skips the runs already there (made
+with the same params), so a killed benchmark resumes, and part of a grid can be run on another
+machine and its file brought back. Teacher banks are cached under ``.cmkd/bench/banks`` keyed
+by the pair, the teacher params and a hash of the teacher data; ``--fresh-teachers`` retrains.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 import yaml
 
-from cmkd_core.benchmark import PAIRS, Grid, markdown_table, run_grid, summarise
-from cmkd_core.config import DistillParams, load_params
-from cmkd_core.data import write_text_atomic
+from cmkd_core.bank import BankError, load_bank, save_bank
+from cmkd_core.benchmark import (
+    PAIRS,
+    BankProvider,
+    Grid,
+    build_bank,
+    markdown_table,
+    run_grid,
+    summarise,
+)
+from cmkd_core.config import DistillParams, TeacherParams, load_params
+from cmkd_core.data import ModalityDataset, write_text_atomic
 from cmkd_core.distill.methods import list_methods
 from tasks.layout import Layout
 
@@ -55,15 +72,92 @@ def grid_from(args: argparse.Namespace, layout: Layout) -> Grid:
     )
 
 
+def cached_banks(folder: Path, fresh: bool, log=print) -> BankProvider:
+    """A bank provider that reuses ``folder/PAIR-KEY.safetensors`` when the pair, the teacher
+    params and the teacher data are the same, and trains and saves the bank otherwise."""
+
+    def provide(pair: str, dataset: ModalityDataset, params: TeacherParams):
+        digest = hashlib.sha256(pair.encode())
+        digest.update(params.model_dump_json().encode())
+        digest.update(dataset.manifest.to_csv(index=False).encode())
+        for name in sorted(dataset.arrays):
+            digest.update(dataset.arrays[name].tobytes())
+        path = folder / f"{pair.replace('->', '-to-')}-{digest.hexdigest()[:16]}.safetensors"
+        if path.exists() and not fresh:
+            try:
+                bank = load_bank(path)
+                log(f"[{pair}] teacher bank from cache {path}")
+                return bank, float(bank.info["test_accuracy"])
+            except (BankError, KeyError) as exc:
+                log(f"[{pair}] ignoring unreadable cached bank: {exc}")
+        bank, accuracy = build_bank(dataset, params)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_bank(bank, path)
+        return bank, accuracy
+
+    return provide
+
+
+def _settings(grid: Grid) -> dict:
+    return {
+        "distill": grid.distill.model_dump(mode="json"),
+        "teacher": grid.teacher.model_dump(mode="json"),
+    }
+
+
+def _done_runs(path: Path, settings: dict) -> list[dict]:
+    """Records already in the runs file that were made with ``settings`` (others are ignored:
+    a changed param means a different experiment). A torn last line (a kill mid-write) is
+    skipped."""
+    if not path.exists():
+        return []
+    done = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("settings") == settings:
+            done.append(entry["record"])
+    return done
+
+
+def default_jobs() -> int:
+    """One worker per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     grid = grid_from(args, layout)
     wheel = layout.root / load_params(layout.params).data.fsdd_wheel
-    start = time.perf_counter()
-    records, teachers = run_grid(grid, wheel, log=lambda line: print(line, flush=True))
-    rows = summarise(records)
-    table = markdown_table(rows)
     name = args.name or ("methods-quick" if args.quick else "methods")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file = out / f"{name}.runs.jsonl"
+    settings = _settings(grid)
+    done = _done_runs(runs_file, settings)
+    if done:
+        print(f"resuming: {len(done)} runs already in {runs_file}", flush=True)
+    start = time.perf_counter()
+    with runs_file.open("a+b") as sink:
+        if sink.tell() and (sink.seek(-1, os.SEEK_END), sink.read(1))[1] != b"\n":
+            sink.write(b"\n")  # end a torn last line so the next record starts on its own
+
+        def record(entry: dict) -> None:
+            sink.write((json.dumps({"settings": settings, "record": entry}) + "\n").encode())
+            sink.flush()
+
+        records, teachers = run_grid(
+            grid,
+            wheel,
+            log=lambda line: print(line, flush=True),
+            jobs=args.jobs or default_jobs(),
+            bank_for=cached_banks(layout.root / ".cmkd" / "bench" / "banks", args.fresh_teachers),
+            done=done,
+            on_record=record,
+        )
+    rows = summarise(records)
+    table = markdown_table(rows)
     payload = {
         "command": "cmkd " + " ".join(args.argv),
         "grid": {
@@ -72,15 +166,14 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
             "seeds": grid.seeds,
             "budgets": ["all" if b is None else b for b in grid.budgets],
             "controls": grid.controls,
-            "distill": grid.distill.model_dump(mode="json"),
-            "teacher": grid.teacher.model_dump(mode="json"),
+            **settings,
         },
         "teachers": teachers,
+        "resumed_runs": len(done),
         "wall_seconds": time.perf_counter() - start,
         "summary": rows,
         "runs": records,
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")
     write_text_atomic(out / f"{name}.md", table)
     print(table)

@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         help="override distill params, e.g. unlabelled=true w_fa=0.3",
     )
     bench.add_argument("--name", help="file name stem of the results (default by --quick)")
+    bench.add_argument("--jobs", type=int, help="runs at a time, one process each (default: cores)")
+    bench.add_argument(
+        "--fresh-teachers", action="store_true", help="retrain the teachers, ignoring the cache"
+    )
     for p in (run, stage, show, bench):
         p.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
