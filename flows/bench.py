@@ -11,7 +11,7 @@ Runs go to ``--jobs`` worker processes (default: one per core). Each finished ru
 to ``NAME.runs.jsonl`` at once; rerunning the same command skips the runs already there (made
 with the same params), so a killed benchmark resumes, and part of a grid can be run on another
 machine and its file brought back. Teacher banks are cached under ``.cmkd/bench/banks`` keyed
-by the pair, the teacher params and a hash of the teacher data; ``--fresh-teachers`` retrains.
+by the teacher params and a hash of the teacher data; ``--fresh-teachers`` retrains.
 """
 
 from __future__ import annotations
@@ -73,16 +73,16 @@ def grid_from(args: argparse.Namespace, layout: Layout) -> Grid:
 
 
 def cached_banks(folder: Path, fresh: bool, log=print) -> BankProvider:
-    """A bank provider that reuses ``folder/PAIR-KEY.safetensors`` when the pair, the teacher
-    params and the teacher data are the same, and trains and saves the bank otherwise."""
+    """A bank provider that reuses ``folder/TEACHER-KEY.safetensors`` when the teacher params
+    and the teacher data are the same, and trains and saves the bank otherwise."""
 
     def provide(pair: str, dataset: ModalityDataset, params: TeacherParams):
-        digest = hashlib.sha256(pair.encode())
-        digest.update(params.model_dump_json().encode())
+        digest = hashlib.sha256(params.model_dump_json().encode())
         digest.update(dataset.manifest.to_csv(index=False).encode())
         for name in sorted(dataset.arrays):
             digest.update(dataset.arrays[name].tobytes())
-        path = folder / f"{pair.replace('->', '-to-')}-{digest.hexdigest()[:16]}.safetensors"
+        # Keyed by teacher data and params only: pairs that share a teacher share its bank.
+        path = folder / f"{dataset.root.name.strip('<>')}-{digest.hexdigest()[:16]}.safetensors"
         if path.exists() and not fresh:
             try:
                 bank = load_bank(path)

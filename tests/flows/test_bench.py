@@ -36,7 +36,7 @@ def test_bench_runs_in_workers_then_resumes_without_training_again(
     ]
     assert first["resumed_runs"] == 0
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in first["runs"])
-    banks = list((tmp_path / ".cmkd" / "bench" / "banks").glob("digits-to-fsdd-*.safetensors"))
+    banks = list((tmp_path / ".cmkd" / "bench" / "banks").glob("digits-*.safetensors"))
     assert len(banks) == 1
     runs_file = tmp_path / "out" / "t.runs.jsonl"
     assert len(runs_file.read_text().splitlines()) == 6
