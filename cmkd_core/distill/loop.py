@@ -80,6 +80,27 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def train_step(
+    model: nn.Module,
+    step: StepFn,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    grad_clip: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step on ``batch``: the loss terms, backward, clipping, optimiser and
+    scheduler steps. Returns the terms (scalar tensors, still on the model's device)."""
+    terms = step(batch)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return terms
+
+
 def fit(
     model: nn.Module,
     step: StepFn,
@@ -101,24 +122,18 @@ def fit(
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
         model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         count = 0
         for batch in batches(epoch):
-            terms = step(batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            terms = train_step(model, step, batch, optimizer, scheduler, grad_clip)
+            for name, value in terms.items():  # summed on the device: no sync per step
+                sums[name] = value.detach() + sums[name] if name in sums else value.detach()
             count += 1
         model.eval()
         with torch.no_grad():
             metrics = validate()
-        record = {"epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}, **metrics}
+        means = {k: float(v) / max(count, 1) for k, v in sums.items()}
+        record = {"epoch": epoch, **means, **metrics}
         record["lr"] = optimizer.param_groups[0]["lr"]
         history.append(record)
         for callback in callbacks:

@@ -46,12 +46,24 @@ def split_samples(
     }
 
 
-def _new_model(spec: dict, train: Samples, device: torch.device, seed: int) -> Classifier:
+def new_model(spec: dict, train: Samples, device: torch.device, seed: int) -> Classifier:
     """A freshly initialised classifier (seeded) with train-split input statistics."""
     seed_everything(seed)
     model = build_classifier(spec)
     model.encoder.norm.fit(training_frames(train.to("cpu")))
     return model.to(device)
+
+
+def student_spec(dataset: ModalityDataset, bank: TeacherBank, params: DistillParams) -> dict:
+    """The student's model spec: its encoder on ``dataset``'s samples, the bank's classes and a
+    projector to the bank's feature size."""
+    return {
+        "model": params.model,
+        "sample_shape": list(dataset.meta.sample_shape),
+        "feature_dim": params.feature_dim,
+        "num_classes": len(bank.classes),
+        "align_dim": int(bank.features.shape[1]),
+    }
 
 
 def fit_teacher(
@@ -78,7 +90,7 @@ def fit_teacher(
         None,
         progress,
     )
-    model = _new_model(spec, data["train"], device, params.seed)
+    model = new_model(spec, data["train"], device, params.seed)
     result = train_classifier(model, method, data["train"], data["val"], settings, desc="teacher")
     return Fitted(model, spec, result), data
 
@@ -114,14 +126,8 @@ def fit_student(
         if dataset.labelled_ids is not None:
             train = train[~train["id"].isin(dataset.labelled_ids)]
         unlabelled = samples_of(dataset, train, bank.classes).to(device)
-    spec = {
-        "model": params.model,
-        "sample_shape": list(dataset.meta.sample_shape),
-        "feature_dim": params.feature_dim,
-        "num_classes": len(bank.classes),
-        "align_dim": int(bank.features.shape[1]),
-    }
-    model = _new_model(spec, data["train"], device, params.seed)
+    spec = student_spec(dataset, bank, params)
+    model = new_model(spec, data["train"], device, params.seed)
     augment = None
     if robustness.shift_level is not None:
         augment = domain_shift(robustness.shift_level, model.encoder.norm.std)
