@@ -1,0 +1,161 @@
+"""Cost of one distillation step against one CE-only step, by batch size, on CPU or CUDA.
+
+    python bench/distill.py [--device cpu|cuda] [--batches 64 256 1024] [--steps 20]
+
+The data is the embedded default (spoken-digit MFCCs as the student, the digits teacher's bank,
+from the benchmark's bank cache or trained once). Each batch of B is drawn with replacement from
+the student's train split, its teacher rows class-matched from the bank, and built before the
+clock starts; the step timed is the training loop's own (``train_step``: loss terms, backward,
+clipping, AdamW, schedule), the device synchronised after each. Reports the median step time,
+the joint/CE ratio measured in the same run, the time to build a batch (the loading share),
+peak device memory, and on CUDA the share of the step the GPU is busy (kernel time over wall
+time, from the profiler). Prints a table and writes ``distill-DEVICE.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from cmkd_core.benchmark import load_pair  # noqa: E402
+from cmkd_core.config import load_params  # noqa: E402
+from cmkd_core.data import write_text_atomic  # noqa: E402
+from cmkd_core.data.samplers import ClassMatchedSampler  # noqa: E402
+from cmkd_core.data.tensors import samples_of  # noqa: E402
+from cmkd_core.distill.loop import train_step, warmup_cosine  # noqa: E402
+from cmkd_core.distill.methods import Batch, create_method  # noqa: E402
+from cmkd_core.distill.recipes import new_model, student_spec  # noqa: E402
+from flows.bench import cached_banks  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(method_name, params, student, bank, batch_size, steps, device, profile=False) -> dict:
+    """Median seconds of ``steps`` training steps of ``method_name`` at ``batch_size``."""
+    train = samples_of(student, student.rows("train"), bank.classes).to(device)
+    spec = student_spec(student, bank, params)
+    model = new_model(spec, train, device, params.seed)
+    method = create_method(method_name, params, bank).to(device)
+    weights = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(10_000, 100))
+    bank_train = torch.nonzero(bank.split("train")).flatten()
+    sampler = ClassMatchedSampler(bank.labels[bank_train], len(bank.classes))
+    features = bank.features.to(device)
+    generator = torch.Generator().manual_seed(0)
+
+    def draw() -> Batch:
+        index = torch.randint(len(train), (batch_size,), generator=generator)
+        inputs, labels = train.take(index)
+        rows = bank_train[sampler.draw(labels.cpu(), generator)]
+        return Batch(inputs, labels, teacher_features=features[rows.to(device)])
+
+    load = []
+    batches = []
+    for _ in range(steps + 3):
+        _sync(device)
+        start = time.perf_counter()
+        batches.append(draw())
+        _sync(device)
+        load.append(time.perf_counter() - start)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i, batch in enumerate(batches):
+        _sync(device)
+        start = time.perf_counter()
+        train_step(model, lambda b: method(model, b), batch, optimizer, scheduler, params.grad_clip)
+        _sync(device)
+        if i >= 3:  # the first steps warm up allocators and kernels
+            times.append(time.perf_counter() - start)
+    result = {
+        "step_ms": 1000 * statistics.median(times),
+        "load_ms": 1000 * statistics.median(load[3:]),
+        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else None,
+    }
+    if profile and device.type == "cuda":
+        result["gpu_busy"] = gpu_busy(model, method, batches[3:], optimizer, scheduler, params)
+    return result
+
+
+def gpu_busy(model, method, batches, optimizer, scheduler, params) -> float:
+    """Share of wall time the GPU spends in kernels over ``batches`` steps (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            train_step(model, lambda b: method(model, b), batch, optimizer, scheduler, 5.0)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernel_us = sum(
+        e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    return kernel_us / 1e6 / wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 256, 1024])
+    parser.add_argument("--methods", nargs="+", default=["ce", "joint"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    params = load_params(ROOT / "params.yaml")
+    distill = params.distill.model_copy(update={"device": args.device})
+    teacher_ds, student = load_pair("digits->fsdd", ROOT / params.data.fsdd_wheel)
+    provide = cached_banks(ROOT / ".cmkd" / "bench" / "banks", fresh=False)
+    bank, _ = provide(
+        "digits->fsdd", teacher_ds, params.teacher.model_copy(update={"device": "cpu"})
+    )
+    rows = []
+    for size in args.batches:
+        base = None
+        for name in args.methods:
+            r = measure(name, distill, student, bank, size, args.steps, device, profile=True)
+            base = base or r["step_ms"]
+            rows.append({"method": name, "batch": size, **r, "ratio_to_ce": r["step_ms"] / base})
+            print(json.dumps(rows[-1]), flush=True)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    threads = torch.get_num_threads()
+    table = (
+        f"Device: {label} (torch {torch.__version__}, {threads} CPU threads)\n\n"
+        "| method | batch | step ms | x CE step | batch build ms | peak MiB | GPU busy |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        busy = f"{100 * r['gpu_busy']:.0f}%" if "gpu_busy" in r else "-"
+        table += (
+            f"| {r['method']} | {r['batch']} | {r['step_ms']:.2f} | {r['ratio_to_ce']:.2f} "
+            f"| {r['load_ms']:.2f} | {peak} | {busy} |\n"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"device": label, "torch": torch.__version__, "threads": threads, "rows": rows}
+    write_text_atomic(out / f"distill-{args.device}.json", json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(out / f"distill-{args.device}.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
