@@ -86,13 +86,3 @@ def test_parity_gate_fails_when_onnx_and_torch_disagree(trained, tmp_path):
         with torch.no_grad():
             model.head.bias[0] -= 1.0
     assert onnx_logits(ort.InferenceSession(str(path)), test).shape == (600, 10)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_joint_student_trains_on_cuda(trained, tiny_params):
-    params = tiny_params.distill.model_copy(update={"epochs": 1})
-    fitted, _ = fit_student(
-        trained["ds"], trained["bank"], params, "joint", torch.device("cuda"), progress=False
-    )
-    assert next(fitted.model.parameters()).is_cuda
-    assert np.isfinite(fitted.result.history[0]["loss"])
