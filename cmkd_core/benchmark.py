@@ -214,7 +214,7 @@ def run_grid(
     else:
         # Spawned, not forked: a fork of a process that has run torch's thread pool can hang.
         context = multiprocessing.get_context("spawn")
-        longest_first = sorted(runs, key=lambda r: (r.budget is not None, r.budget or 0))
+        longest_first = sorted(runs, key=lambda r: (r.budget is not None, -(r.budget or 0)))
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
             futures = {pool.submit(run_one, *args_of(run)): run for run in longest_first}
             for future in as_completed(futures):
