@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cmkd_core.benchmark import load_pair  # noqa: E402
+from cmkd_core.benchmark import build_bank, load_pair, teacher_key  # noqa: E402
 from cmkd_core.config import load_params  # noqa: E402
 from cmkd_core.data import write_text_atomic  # noqa: E402
 from cmkd_core.data.samplers import ClassMatchedSampler  # noqa: E402
@@ -34,7 +34,7 @@ from cmkd_core.data.tensors import samples_of  # noqa: E402
 from cmkd_core.distill.loop import train_step, warmup_cosine  # noqa: E402
 from cmkd_core.distill.methods import Batch, create_method  # noqa: E402
 from cmkd_core.distill.recipes import new_model, student_spec  # noqa: E402
-from flows.bench import cached_banks  # noqa: E402
+from flows.bench import FileBankCache  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -122,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(ROOT / "params.yaml")
     distill = params.distill.model_copy(update={"device": args.device})
     teacher_ds, student = load_pair("digits->fsdd", ROOT / params.data.fsdd_wheel)
-    provide = cached_banks(ROOT / ".cmkd" / "bench" / "banks", fresh=False)
-    bank, _ = provide(
-        "digits->fsdd", teacher_ds, params.teacher.model_copy(update={"device": "cpu"})
-    )
+    teacher = params.teacher.model_copy(update={"device": "cpu"})
+    cache, key = FileBankCache(ROOT / ".cmkd" / "bench" / "banks"), teacher_key(teacher_ds, teacher)
+    hit = cache.get(key, "digits")
+    bank = hit[0] if hit is not None else build_bank(teacher_ds, teacher)[0]
+    if hit is None:
+        cache.put(key, "digits", bank)
     rows = []
     for size in args.batches:
         base = None

@@ -9,12 +9,14 @@ the shuffle is regularisation, not knowledge from the teacher.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -111,7 +113,22 @@ class Run:
     shuffled: bool
 
 
-BankProvider = Callable[[str, ModalityDataset, TeacherParams], tuple[TeacherBank, float]]
+class BankCache(Protocol):
+    """Where trained teacher banks are kept between benchmark runs (see :func:`teacher_key`)."""
+
+    def get(self, key: str, name: str) -> tuple[TeacherBank, float] | None: ...
+
+    def put(self, key: str, name: str, bank: TeacherBank) -> None: ...
+
+
+def teacher_key(dataset: ModalityDataset, params: TeacherParams) -> str:
+    """A hash of what decides a trained teacher: its params, manifest and arrays. Pairs that
+    share a teacher dataset share the key, hence one training."""
+    digest = hashlib.sha256(params.model_dump_json().encode())
+    digest.update(dataset.manifest.to_csv(index=False).encode())
+    for name in sorted(dataset.arrays):
+        digest.update(dataset.arrays[name].tobytes())
+    return digest.hexdigest()
 
 
 def plan(grid: Grid, pairings: dict[str, tuple[str, ...]]) -> list[Run]:
@@ -163,44 +180,58 @@ def run_grid(
     wheel: str | Path,
     log: Callable[[str], None] = print,
     jobs: int = 1,
-    bank_for: BankProvider | None = None,
+    cache: BankCache | None = None,
     done: Iterable[dict] = (),
     on_record: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict], dict]:
     """Train every run of ``grid``; returns one record per run (in table order) and per-pair
     teacher facts.
 
-    ``jobs > 1`` trains that many runs at a time in worker processes of one thread each (the
-    longest budgets first); ``bank_for(pair, teacher_dataset, teacher_params)`` supplies each
-    pair's bank and teacher test accuracy (default: train the teacher with :func:`build_bank`).
-    Runs whose record is in ``done`` (same pair, pairing, budget, seed, method and control) are
-    not trained again; ``on_record`` sees each new record as soon as its run ends.
+    Each distinct teacher is trained once (or taken from ``cache``). ``jobs > 1`` trains that
+    many teachers or runs at a time in worker processes of one thread each: teachers first, a
+    pair's runs (longest budgets first) as soon as its bank exists. Runs whose record is in
+    ``done`` (same pair, pairing, budget, seed, method and control) are not trained again;
+    ``on_record`` sees each new record as soon as its run ends.
     """
-    provide = bank_for or (lambda _pair, dataset, params: build_bank(dataset, params))
     students: dict[str, ModalityDataset] = {}
-    banks: dict[tuple[str, bool], TeacherBank] = {}
-    teachers: dict[str, dict] = {}
+    teacher_sets: dict[str, ModalityDataset] = {}
+    key_of_pair: dict[str, str] = {}
     for pair in grid.pairs:
         teacher_ds, students[pair] = load_pair(pair, wheel)
-        bank, teacher_accuracy = provide(pair, teacher_ds, grid.teacher)
-        banks[pair, False], banks[pair, True] = bank, shuffled_bank(bank)
-        teachers[pair] = {"test_accuracy": teacher_accuracy, "rows": len(bank.labels)}
-        log(f"[{pair}] teacher test accuracy {teacher_accuracy:.4f}")
+        key_of_pair[pair] = teacher_key(teacher_ds, grid.teacher)
+        teacher_sets.setdefault(key_of_pair[pair], teacher_ds)
     pairings = {
         pair: ("unpaired", "paired") if "pair" in ds.manifest else ("unpaired",)
         for pair, ds in students.items()
     }
     previous = {_key_of(r): r for r in done}
     records: dict[int, dict] = {}
-    runs = []
+    todo: dict[str, list[Run]] = {pair: [] for pair in grid.pairs}
     for run in plan(grid, pairings):
         if _key_of(run) in previous:
             records[run.index] = previous[_key_of(run)]
         else:
-            runs.append(run)
+            todo[run.pair].append(run)
+    for runs in todo.values():
+        runs.sort(key=lambda r: (r.budget is not None, -(r.budget or 0)))
+
+    banks: dict[str, tuple[TeacherBank, TeacherBank]] = {}
+    teachers: dict[str, dict] = {}
+
+    def bank_ready(key: str, bank: TeacherBank, accuracy: float, trained: bool) -> list[Run]:
+        if trained and cache is not None:
+            cache.put(key, teacher_sets[key].root.name.strip("<>"), bank)
+        banks[key] = (bank, shuffled_bank(bank))
+        ready = []
+        for pair in (p for p in grid.pairs if key_of_pair[p] == key):
+            teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
+            log(f"[{pair}] teacher test accuracy {accuracy:.4f}")
+            ready += todo[pair]
+        return ready
 
     def args_of(run: Run) -> tuple:
-        return run, students[run.pair], banks[run.pair, run.shuffled], grid.distill
+        bank, control = banks[key_of_pair[run.pair]]
+        return run, students[run.pair], control if run.shuffled else bank, grid.distill
 
     def finished(run: Run, record: dict) -> None:
         records[run.index] = record
@@ -208,18 +239,47 @@ def run_grid(
             on_record(record)
         log(_record_line(record))
 
+    ready: list[Run] = []
+    for key, dataset in teacher_sets.items():
+        hit = cache.get(key, dataset.root.name.strip("<>")) if cache is not None else None
+        if hit is not None:
+            ready += bank_ready(key, *hit, trained=False)
+    untrained = [key for key in teacher_sets if key not in banks]
+    untrained.sort(key=lambda key: -_size(teacher_sets[key]))  # the longest to train first
     if jobs <= 1:
-        for run in runs:
-            finished(run, run_one(*args_of(run)))
-    else:
-        # Spawned, not forked: a fork of a process that has run torch's thread pool can hang.
-        context = multiprocessing.get_context("spawn")
-        longest_first = sorted(runs, key=lambda r: (r.budget is not None, -(r.budget or 0)))
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
-            futures = {pool.submit(run_one, *args_of(run)): run for run in longest_first}
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
+        for key in untrained:
+            bank_ready(key, *build_bank(teacher_sets[key], grid.teacher), trained=True)
+        for pair in grid.pairs:
+            for run in todo[pair]:
+                finished(run, run_one(*args_of(run)))
+        return [records[i] for i in sorted(records)], teachers
+
+    # Spawned, not forked: a fork of a process that has run torch's thread pool can hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
+        futures: dict[Future, tuple[str, str | Run]] = {
+            pool.submit(build_bank, teacher_sets[key], grid.teacher): ("teacher", key)
+            for key in untrained
+        }
+
+        def submit(runs: list[Run]) -> None:
+            for run in runs:
+                futures[pool.submit(run_one, *args_of(run))] = ("run", run)
+
+        submit(ready)
+        while futures:
+            completed, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for future in completed:
+                kind, what = futures.pop(future)
+                if kind == "teacher":
+                    submit(bank_ready(what, *future.result(), trained=True))
+                else:
+                    finished(what, future.result())
     return [records[i] for i in sorted(records)], teachers
+
+
+def _size(dataset: ModalityDataset) -> int:
+    return sum(int(a.size) for a in dataset.arrays.values())
 
 
 def _key_of(item: Run | dict) -> tuple:

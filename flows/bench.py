@@ -7,17 +7,17 @@ controls for ``fa``, ``la`` and ``joint``. Writes ``NAME.json`` (every run, the 
 grid) and ``NAME.md`` (the table) under ``--out``, and prints the table; NAME is
 ``methods-quick`` or ``methods`` unless ``--name`` says otherwise.
 
-Runs go to ``--jobs`` worker processes (default: one per core). Each finished run is appended
-to ``NAME.runs.jsonl`` at once; rerunning the same command skips the runs already there (made
-with the same params), so a killed benchmark resumes, and part of a grid can be run on another
-machine and its file brought back. Teacher banks are cached under ``.cmkd/bench/banks`` keyed
-by the teacher params and a hash of the teacher data; ``--fresh-teachers`` retrains.
+Teachers and runs go to ``--jobs`` worker processes (default: one per core). Each finished run
+is appended to ``NAME.runs.jsonl`` at once; with ``--resume`` the same command skips the runs
+already there (made with the same params), so a killed benchmark resumes, and part of a grid can
+be run on another machine and its file brought back. Without it the file starts afresh: a
+changed code base must not reuse old runs. Teacher banks are cached under ``.cmkd/bench/banks``,
+keyed by the teacher params and a hash of the teacher data; ``--fresh-teachers`` retrains.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -25,18 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from cmkd_core.bank import BankError, load_bank, save_bank
-from cmkd_core.benchmark import (
-    PAIRS,
-    BankProvider,
-    Grid,
-    build_bank,
-    markdown_table,
-    run_grid,
-    summarise,
-)
-from cmkd_core.config import DistillParams, TeacherParams, load_params
-from cmkd_core.data import ModalityDataset, write_text_atomic
+from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
+from cmkd_core.benchmark import PAIRS, Grid, markdown_table, run_grid, summarise
+from cmkd_core.config import DistillParams, load_params
+from cmkd_core.data import write_text_atomic
 from cmkd_core.distill.methods import list_methods
 from tasks.layout import Layout
 
@@ -72,30 +64,32 @@ def grid_from(args: argparse.Namespace, layout: Layout) -> Grid:
     )
 
 
-def cached_banks(folder: Path, fresh: bool, log=print) -> BankProvider:
-    """A bank provider that reuses ``folder/TEACHER-KEY.safetensors`` when the teacher params
-    and the teacher data are the same, and trains and saves the bank otherwise."""
+class FileBankCache:
+    """Teacher banks as ``folder/NAME-KEY.safetensors`` (KEY: :func:`teacher_key`, so the same
+    teacher params and data); ``fresh`` ignores what is there and retrains."""
 
-    def provide(pair: str, dataset: ModalityDataset, params: TeacherParams):
-        digest = hashlib.sha256(params.model_dump_json().encode())
-        digest.update(dataset.manifest.to_csv(index=False).encode())
-        for name in sorted(dataset.arrays):
-            digest.update(dataset.arrays[name].tobytes())
-        # Keyed by teacher data and params only: pairs that share a teacher share its bank.
-        path = folder / f"{dataset.root.name.strip('<>')}-{digest.hexdigest()[:16]}.safetensors"
-        if path.exists() and not fresh:
-            try:
-                bank = load_bank(path)
-                log(f"[{pair}] teacher bank from cache {path}")
-                return bank, float(bank.info["test_accuracy"])
-            except (BankError, KeyError) as exc:
-                log(f"[{pair}] ignoring unreadable cached bank: {exc}")
-        bank, accuracy = build_bank(dataset, params)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_bank(bank, path)
+    def __init__(self, folder: Path, fresh: bool = False, log=print):
+        self.folder, self.fresh, self.log = folder, fresh, log
+
+    def path(self, key: str, name: str) -> Path:
+        return self.folder / f"{name}-{key[:16]}.safetensors"
+
+    def get(self, key: str, name: str) -> tuple[TeacherBank, float] | None:
+        path = self.path(key, name)
+        if self.fresh or not path.exists():
+            return None
+        try:
+            bank = load_bank(path)
+            accuracy = float(bank.info["test_accuracy"])
+        except (BankError, KeyError) as exc:
+            self.log(f"ignoring unreadable cached bank: {exc}")
+            return None
+        self.log(f"teacher bank from cache {path}")
         return bank, accuracy
 
-    return provide
+    def put(self, key: str, name: str, bank: TeacherBank) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_bank(bank, self.path(key, name))
 
 
 def _settings(grid: Grid) -> dict:
@@ -135,11 +129,11 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs_file = out / f"{name}.runs.jsonl"
     settings = _settings(grid)
-    done = _done_runs(runs_file, settings)
+    done = _done_runs(runs_file, settings) if args.resume else []
     if done:
         print(f"resuming: {len(done)} runs already in {runs_file}", flush=True)
     start = time.perf_counter()
-    with runs_file.open("a+b") as sink:
+    with runs_file.open("a+b" if args.resume else "w+b") as sink:
         if sink.tell() and (sink.seek(-1, os.SEEK_END), sink.read(1))[1] != b"\n":
             sink.write(b"\n")  # end a torn last line so the next record starts on its own
 
@@ -152,7 +146,7 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
             wheel,
             log=lambda line: print(line, flush=True),
             jobs=args.jobs or default_jobs(),
-            bank_for=cached_banks(layout.root / ".cmkd" / "bench" / "banks", args.fresh_teachers),
+            cache=FileBankCache(layout.root / ".cmkd" / "bench" / "banks", args.fresh_teachers),
             done=done,
             on_record=record,
         )

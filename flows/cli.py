@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--name", help="file name stem of the results (default by --quick)")
     bench.add_argument("--jobs", type=int, help="runs at a time, one process each (default: cores)")
     bench.add_argument(
+        "--resume", action="store_true", help="skip runs already in NAME.runs.jsonl (same params)"
+    )
+    bench.add_argument(
         "--fresh-teachers", action="store_true", help="retrain the teachers, ignoring the cache"
     )
     for p in (run, stage, show, bench):

@@ -45,15 +45,22 @@ def test_bench_runs_in_workers_then_resumes_without_training_again(
     with runs_file.open("a") as fh:
         fh.write('{"settings": {"distill"')
     stamp = banks[0].stat().st_mtime_ns
-    again = _bench(tmp_path)
+    again = _bench(tmp_path, "--resume")
     assert again["resumed_runs"] == 6
     assert again["runs"] == first["runs"]
     assert banks[0].stat().st_mtime_ns == stamp  # the teacher came from the cache
 
     # A changed param is another experiment: nothing of the first is reused.
-    changed = _bench(tmp_path, "--set", "w_la=0.5")
+    changed = _bench(tmp_path, "--resume", "--set", "w_la=0.5")
     assert changed["resumed_runs"] == 0
     assert changed["grid"]["distill"]["w_la"] == 0.5
     lines = runs_file.read_text().splitlines()
     assert len(lines) == 6 + 1 + 6  # the torn line stayed alone on its line
     assert all(json.loads(line) for line in lines[7:])
+
+    # Without --resume the runs file starts afresh (new code must not reuse old runs); one job
+    # runs everything in this process, in the same table order.
+    afresh = _bench(tmp_path, "--jobs", "1")
+    assert afresh["resumed_runs"] == 0
+    assert [(r["seed"], r["method"], r["control"]) for r in afresh["runs"]] == keys
+    assert len(runs_file.read_text().splitlines()) == 6
