@@ -3,6 +3,9 @@
 cmkd run              the whole pipeline through DVC (stale stages only), then a summary
 cmkd stage NAME       one stage's flow in this process (what dvc.yaml runs)
 cmkd summary          print the summary of the last run
+cmkd bench            the method benchmark (table and JSON under bench/results)
+cmkd predict M INPUT  classes of .npy inputs with an exported student (onnxruntime only)
+cmkd serve M          an HTTP server for an exported student on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -43,6 +46,40 @@ def _run_flow(function, **kwargs):
         return function(**kwargs)
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from cmkd_core.deploy import InputError, Limits, ModelError, OnnxStudent, read_inputs
+
+    try:
+        threads = getattr(args, "threads", 0)
+        student = OnnxStudent(args.model, args.card, threads=threads)
+        if args.command == "serve":
+            import uvicorn
+
+            from cmkd_core.deploy.http import create_app
+
+            limits = Limits(max_batch=args.max_batch, max_length=args.max_length)
+            app = create_app(student, limits, max_body_bytes=args.max_body_bytes)
+            print(f"cmkd: serving {args.model} on http://{args.host}:{args.port}", flush=True)
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+            return 0
+        named = read_inputs(args.input, student)
+        predictions = []
+        for start in range(0, len(named), 256):
+            chunk = named[start : start + 256]
+            predictions += student.predict([x for _, x in chunk], names=[n for n, _ in chunk])
+    except (InputError, ModelError) as exc:
+        print(f"cmkd: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows = [{"input": n, **p.as_json()} for (n, _), p in zip(named, predictions, strict=True)]
+        print(json.dumps(rows, indent=1))
+        return 0
+    for (name, _), p in zip(named, predictions, strict=True):
+        probs = " ".join(f"{c}:{v:.3f}" for c, v in p.probabilities.items())
+        print(f"{name}\t{p.label}\t{p.probabilities[p.label]:.3f}\t{probs}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="cmkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,10 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--fresh-teachers", action="store_true", help="retrain the teachers, ignoring the cache"
     )
+    predict = sub.add_parser("predict", help="classify .npy inputs with an exported student")
+    predict.add_argument("model", help="the student's .onnx file")
+    predict.add_argument("input", help="a .npy file (one sample or a batch) or a folder of them")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    serve = sub.add_parser("serve", help="serve an exported student over HTTP")
+    serve.add_argument("model", help="the student's .onnx file")
+    serve.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=64, help="samples per request")
+    serve.add_argument("--max-length", type=int, default=4096, help="frames per sequence")
+    serve.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body size")
+    serve.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
+    for p in (predict, serve):
+        p.add_argument("--card", help="model card (default: model_card.json beside the model)")
     for p in (run, stage, show, bench):
         p.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.command in ("predict", "serve"):
+        return _deploy(args)  # onnxruntime only: no torch, Prefect or DVC imported
 
     from cmkd_core.config import ParamsError
     from cmkd_core.data import DataContractError

@@ -1,0 +1,214 @@
+"""Inference on an exported student with onnxruntime and numpy only (no torch).
+
+A deployment needs the ``.onnx`` file and, beside it, the ``model_card.json`` the export stage
+writes (class names, input spec). Every input is checked before it reaches the session: each
+problem raises :class:`InputError` naming the input and the limit or field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+class InputError(ValueError):
+    """An input the model cannot take; the message names the input and what is wrong."""
+
+
+class ModelError(ValueError):
+    """The model file or its card cannot be used."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request: samples per batch and frames per sequence."""
+
+    max_batch: int = 64
+    max_length: int = 4096
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The predicted class of one sample and the softmax probabilities of every class."""
+
+    label: str
+    index: int
+    probabilities: dict[str, float]
+
+    def as_json(self) -> dict:
+        return {"class": self.label, "index": self.index, "probabilities": self.probabilities}
+
+
+def card_path_for(model: Path) -> Path:
+    """Where the export stage puts the card of ``model``: ``model_card.json`` beside it."""
+    return model.with_name("model_card.json")
+
+
+class OnnxStudent:
+    """One onnxruntime session over an exported student, created once.
+
+    Sequence students take samples of shape ``(T, F)``, fixed-size students samples of their
+    ``sample_shape``; :meth:`predict` pads a batch of sequences and passes their lengths.
+    """
+
+    def __init__(self, model: str | Path, card: str | Path | None = None, threads: int = 0):
+        self.path = Path(model)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: no such model file")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own error types
+            raise ModelError(f"{self.path}: not a loadable ONNX model: {exc}") from None
+        names = [i.name for i in self.session.get_inputs()]
+        if names not in (["x"], ["x", "lengths"]):
+            raise ModelError(f"{self.path}: inputs {names}, expected ['x'] or ['x', 'lengths']")
+        self.is_sequence = names == ["x", "lengths"]
+        shape = self.session.get_inputs()[0].shape
+        self.sample_shape = tuple(int(d) for d in shape[2 if self.is_sequence else 1 :])
+        outputs = self.session.get_outputs()
+        if [o.name for o in outputs] != ["logits"]:
+            raise ModelError(f"{self.path}: expected one output named 'logits'")
+        num_classes = int(outputs[0].shape[1])
+        card_file = Path(card) if card is not None else card_path_for(self.path)
+        self.card: dict = {}
+        if card_file.is_file():
+            try:
+                self.card = json.loads(card_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ModelError(f"{card_file}: not valid JSON: {exc}") from None
+        elif card is not None:
+            raise ModelError(f"{card_file}: no such model card")
+        self.classes = [str(c) for c in self.card.get("classes", range(num_classes))]
+        if len(self.classes) != num_classes:
+            raise ModelError(
+                f"{card_file}: {len(self.classes)} classes but the model has {num_classes} outputs"
+            )
+
+    def describe(self) -> dict:
+        """The model card, or what the ONNX file alone says when there is none."""
+        spec = {
+            "file": self.path.name,
+            "classes": self.classes,
+            "input": {
+                "kind": "sequence" if self.is_sequence else "fixed",
+                "sample_shape": ["time", *self.sample_shape]
+                if self.is_sequence
+                else list(self.sample_shape),
+                "dtype": "float32",
+            },
+        }
+        return {**spec, **self.card}
+
+    def check(
+        self,
+        samples: list[np.ndarray],
+        limits: Limits,
+        where: str = "inputs",
+        names: list[str] | None = None,
+    ) -> None:
+        """Raise :class:`InputError` unless every sample fits the model and ``limits``; errors
+        name the sample ``names[i]`` (default ``where[i]``)."""
+        if not samples:
+            raise InputError(f"{where}: empty batch")
+        if len(samples) > limits.max_batch:
+            raise InputError(f"{where}: batch of {len(samples)} > max_batch {limits.max_batch}")
+        for i, x in enumerate(samples):
+            name = names[i] if names is not None else f"{where}[{i}]"
+            if x.dtype.kind not in "fiu":
+                raise InputError(f"{name}: dtype {x.dtype} is not numeric")
+            expected = ("T", *self.sample_shape) if self.is_sequence else self.sample_shape
+            if self.is_sequence:
+                ok = x.ndim == 2 and x.shape[1:] == self.sample_shape and x.shape[0] >= 1
+            else:
+                ok = x.shape == self.sample_shape
+            if not ok:
+                raise InputError(f"{name}: shape {tuple(x.shape)}, expected {expected}")
+            if self.is_sequence and x.shape[0] > limits.max_length:
+                raise InputError(f"{name}: {x.shape[0]} frames > max_length {limits.max_length}")
+            if not np.isfinite(x).all():
+                raise InputError(f"{name}: contains NaN or infinite values")
+
+    def logits(self, samples: list[np.ndarray]) -> np.ndarray:
+        """Logits ``(B, C)`` for checked samples (see :meth:`check`)."""
+        if not self.is_sequence:
+            x = np.stack([s.astype(np.float32) for s in samples])
+            return self.session.run(["logits"], {"x": x})[0]
+        lengths = np.array([len(s) for s in samples], dtype=np.int64)
+        x = np.zeros((len(samples), max(2, int(lengths.max())), *self.sample_shape), np.float32)
+        for i, s in enumerate(samples):
+            x[i, : len(s)] = s
+        return self.session.run(["logits"], {"x": x, "lengths": lengths})[0]
+
+    def predict(
+        self,
+        samples: list[np.ndarray],
+        limits: Limits | None = None,
+        where: str = "inputs",
+        names: list[str] | None = None,
+    ) -> list[Prediction]:
+        """Check ``samples`` against ``limits`` and predict each one's class."""
+        limits = limits or Limits(max_batch=max(1, len(samples)), max_length=1 << 31)
+        self.check(samples, limits, where, names)
+        logits = self.logits(samples).astype(np.float64)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        return [
+            Prediction(
+                self.classes[int(p.argmax())],
+                int(p.argmax()),
+                {c: round(float(v), 6) for c, v in zip(self.classes, p, strict=True)},
+            )
+            for p in probs
+        ]
+
+    def split_batch(self, array: np.ndarray, where: str) -> list[np.ndarray]:
+        """The samples of one array: a single sample, or a batch along a leading axis."""
+        single = 2 if self.is_sequence else len(self.sample_shape)
+        if array.ndim == single:
+            return [array]
+        if array.ndim == single + 1:
+            return list(array)
+        expected = ("T", *self.sample_shape) if self.is_sequence else self.sample_shape
+        raise InputError(
+            f"{where}: shape {tuple(array.shape)}, expected one sample {expected} "
+            "or a batch of them"
+        )
+
+
+def read_inputs(path: str | Path, student: OnnxStudent) -> list[tuple[str, np.ndarray]]:
+    """``(name, sample)`` for a ``.npy`` file (one sample or a batch) or every ``.npy`` in a
+    folder, sorted. A ``.wav`` needs the audio front end recorded in the model card."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npy", ".wav"))
+        if not files:
+            raise InputError(f"{path}: no .npy or .wav files in this folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InputError(f"{path}: no such file or folder")
+    out: list[tuple[str, np.ndarray]] = []
+    for file in files:
+        if file.suffix.lower() == ".wav":
+            raise InputError(
+                f"{file}: this model's card records no audio front end (its data were MFCC "
+                "arrays); pass the arrays as .npy files"
+            )
+        if file.suffix.lower() != ".npy":
+            raise InputError(f"{file}: expected a .npy array")
+        try:
+            array = np.load(file, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{file}: not a readable .npy array: {exc}") from None
+        samples = student.split_batch(array, str(file))
+        names = [str(file)] if len(samples) == 1 else [f"{file}[{i}]" for i in range(len(samples))]
+        out += list(zip(names, samples, strict=True))
+    return out
