@@ -393,3 +393,30 @@ def markdown_table(rows: list[dict]) -> str:
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
+
+
+def headline_table(rows: list[dict], methods: tuple[str, ...] = ("fa", "la", "joint")) -> str:
+    """One line per (pair, pairing, budget): the CE-only accuracy, then for each of
+    ``methods`` its gain over the shuffled-teacher control and over ``ce`` (points, paired over
+    seeds); ``-`` where the grid has no such run."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        cells.setdefault((r["pair"], r["pairing"], r["budget"]), {})[r["method"]] = r
+    ce_acc = {(p, b): r["ce"] for (p, _, b), r in cells.items() if "ce" in r}
+    head = "| pair | pairing | labels/class | ce acc % |" + "".join(
+        f" {m} vs shuffled | {m} vs ce |" for m in methods
+    )
+    lines = [head, "|" + "---|" * (4 + 2 * len(methods))]
+    for (pair, pairing, budget), by_method in cells.items():
+        ce = ce_acc.get((pair, budget))
+        line = f"| {pair} | {pairing} | {budget} | "
+        line += f"{100 * ce['test_accuracy_mean']:.2f} |" if ce else "- |"
+        for m in methods:
+            r = by_method.get(m)
+            if r is None:
+                line += " - | - |"
+                continue
+            line += f" {_pts(r['gain_over_shuffled'], r['p_over_shuffled'])} |"
+            line += f" {_pts(r['gain_over_ce'], r['p_over_ce'])} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmkd_core.bank import TeacherBank
-from cmkd_core.benchmark import markdown_table, shuffled_bank, summarise
+from cmkd_core.benchmark import headline_table, markdown_table, shuffled_bank, summarise
 
 
 def test_shuffled_teacher_moves_every_class_and_its_head_with_it():
@@ -61,3 +61,13 @@ def test_summary_reports_mean_std_and_paired_gains():
     table = markdown_table(list(rows.values()))
     assert "| p | unpaired | 5 | joint | 67.00 ± 2.65 |" in table
     assert "+0.67" in table and "+5.00 (p=" in table
+
+
+def test_headline_puts_each_cell_on_one_line_with_both_gains():
+    records = [_record("ce", s, a) for s, a in enumerate([0.60, 0.62, 0.64])]
+    records += [_record("la", s, a) for s, a in enumerate([0.63, 0.66, 0.66])]
+    records += [_record("la", s, a, "shuffled") for s, a in enumerate([0.62, 0.63, 0.65])]
+    table = headline_table(summarise(records), methods=("fa", "la"))
+    line = table.splitlines()[2]
+    assert line.startswith("| p | unpaired | 5 | 62.00 | - | - | +1.67 (p=")
+    assert "+3.00 (p=" in line and len(table.splitlines()) == 3
