@@ -99,6 +99,8 @@ class ExportParams(_Strict):
 
     opset: int = Field(18, ge=17)
     atol: float = Field(1e-4, gt=0)
+    int8: bool = True  # also write an int8 model (dynamic quantisation of MatMul/Gemm only)
+    int8_max_drop: float = 0.5  # refuse the int8 model if it loses more test accuracy (points)
 
 
 class Params(_Strict):

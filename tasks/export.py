@@ -12,7 +12,16 @@ from prefect.cache_policies import NONE
 from cmkd_core.config import Params
 from cmkd_core.data import check_dataset
 from cmkd_core.data.tensors import samples_of
-from cmkd_core.export import ParityError, check_parity, export_onnx, input_names, sha256_file
+from cmkd_core.export import (
+    INT8_OPS,
+    ParityError,
+    check_parity,
+    export_onnx,
+    input_names,
+    onnx_accuracy,
+    quantize_int8,
+    sha256_file,
+)
 from cmkd_core.models.checkpoint import load_classifier
 from tasks.data import write_json
 from tasks.layout import Layout
@@ -20,6 +29,42 @@ from tasks.layout import Layout
 
 def _sha256_json(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _int8(layout: Layout, params: Params, source, test, float_accuracy: float) -> dict:
+    """Quantise ``source`` to int8 and keep it only if it loses at most ``int8_max_drop``
+    points of test accuracy; the card records the verdict either way."""
+    staging = layout.onnx_int8.with_name(".staging-" + layout.onnx_int8.name)
+    try:
+        quantize_int8(source, staging)
+        accuracy = onnx_accuracy(staging, test)
+        drop = 100 * (float_accuracy - accuracy)
+        verdict = {
+            "quantized_ops": list(INT8_OPS),
+            "test_accuracy": accuracy,
+            "float32_test_accuracy": float_accuracy,
+            "drop_points": drop,
+            "max_drop_points": params.export.int8_max_drop,
+        }
+        if drop > params.export.int8_max_drop:
+            layout.onnx_int8.unlink(missing_ok=True)  # an older int8 file must not outlive this
+            get_run_logger().warning(
+                "int8 model refused: test accuracy %.4f vs float32 %.4f (-%.2f points > %.2f)",
+                accuracy,
+                float_accuracy,
+                drop,
+                params.export.int8_max_drop,
+            )
+            return {**verdict, "written": False, "reason": "loses more than int8_max_drop"}
+        staging.replace(layout.onnx_int8)
+        return {
+            **verdict,
+            "written": True,
+            "file": layout.onnx_int8.name,
+            "sha256": sha256_file(layout.onnx_int8),
+        }
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 @task(name="export-student", cache_policy=NONE)
@@ -43,6 +88,9 @@ def export_student(layout: Layout, params: Params) -> dict:
                 f"{staging}: onnxruntime test accuracy {parity.onnx_accuracy:.6f} != "
                 f"{expected:.6f} in {layout.metrics}"
             )
+        int8 = (
+            _int8(layout, params, staging, test, parity.onnx_accuracy) if params.export.int8 else {}
+        )
         staging.replace(layout.onnx)
     finally:
         staging.unlink(missing_ok=True)
@@ -88,6 +136,7 @@ def export_student(layout: Layout, params: Params) -> dict:
             "onnx_test_accuracy": parity.onnx_accuracy,
             "onnx_max_abs_logit_diff": parity.max_abs_diff,
         },
+        "int8": int8,
         "teacher": info.get("teacher", {}),
         "params_sha256": _sha256_json(params.model_dump(mode="json")),
         "data_sha256": _sha256_json({k: report[k]["sha256"] for k in ("teacher", "student")}),

@@ -67,5 +67,9 @@ class Layout:
         return self.root / "data" / "export" / "student.onnx"
 
     @property
+    def onnx_int8(self) -> Path:
+        return self.root / "data" / "export" / "student.int8.onnx"
+
+    @property
     def model_card(self) -> Path:
         return self.root / "data" / "export" / "model_card.json"

@@ -145,6 +145,55 @@ def test_changed_param_reruns_only_what_depends_on_it(pipeline_run, scratch_repo
         (scratch_repo / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+def test_cmkd_predict_on_the_test_clips_agrees_with_the_metrics(pipeline_run, scratch_repo):
+    dataset = read_dataset(scratch_repo / "data" / "prepared" / "student")
+    rows = dataset.rows("test")
+    clips = scratch_repo / "clips"
+    clips.mkdir(exist_ok=True)
+    test = samples_of(dataset, rows)
+    x, lengths = (t.numpy() for t in test.inputs)
+    for i in range(len(rows)):
+        np.save(clips / f"{i:04d}.npy", x[i, : lengths[i]])
+    done = _python(
+        scratch_repo, "flows.cli", "predict", "data/export/student.onnx", "clips", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    predicted = [r["class"] for r in json.loads(done.stdout)]
+    accuracy = float(
+        np.mean([p == label for p, label in zip(predicted, rows["label"], strict=True)])
+    )
+    assert accuracy == pipeline_run["metrics"]["student"]["test_accuracy"]
+
+
+def test_int8_model_is_kept_within_its_threshold_and_refused_past_it(pipeline_run, scratch_repo):
+    export = scratch_repo / "data" / "export"
+    card = json.loads((export / "model_card.json").read_text())
+    int8 = card["int8"]
+    assert int8["quantized_ops"] == ["MatMul", "Gemm"]
+    if int8["written"]:
+        assert int8["drop_points"] <= 0.5 and (export / "student.int8.onnx").is_file()
+    # Force the gate shut: no int8 model may lose more than -100 points.
+    params_file = scratch_repo / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["export"]["int8_max_drop"] = -100.0
+    params_file.write_text(yaml.safe_dump(params))
+    try:
+        repro = _python(scratch_repo, "dvc", "repro", api_url=_api_url())
+        assert repro.returncode == 0, repro.stdout + repro.stderr
+        assert "Running stage 'export'" in repro.stdout
+        assert "Running stage 'distill'" not in repro.stdout
+        refused = json.loads((export / "model_card.json").read_text())["int8"]
+        assert refused["written"] is False and "int8_max_drop" in refused["reason"]
+        assert refused["test_accuracy"] == int8["test_accuracy"]
+        assert not (export / "student.int8.onnx").exists() and (export / "student.onnx").is_file()
+    finally:
+        params["export"]["int8_max_drop"] = 0.5
+        params_file.write_text(yaml.safe_dump(params))
+    again = _python(scratch_repo, "dvc", "repro", api_url=_api_url())
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((export / "model_card.json").read_text())["int8"] == int8
+
+
 def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratch_repo):
     student = scratch_repo / "data" / "prepared" / "student"
     report = scratch_repo / "data" / "validated" / "report.json"
