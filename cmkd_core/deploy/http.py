@@ -13,12 +13,12 @@ up to ``max_body_bytes`` and no further.
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import ORJSONResponse
 
 from cmkd_core.deploy.runtime import InputError, Limits, OnnxStudent
 
@@ -43,15 +43,15 @@ async def _body(request: Request, max_bytes: int) -> bytes:
 
 def _json_samples(body: bytes) -> list[np.ndarray]:
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = orjson.loads(body)  # strict JSON: NaN and Infinity are not numbers here
+    except orjson.JSONDecodeError as exc:
         raise InputError(f"body: not valid JSON ({exc})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise InputError('body: expected a JSON object {"inputs": [sample, ...]}')
     samples = []
     for i, sample in enumerate(payload["inputs"]):
         try:
-            samples.append(np.asarray(sample, dtype=np.float64))
+            samples.append(np.asarray(sample, dtype=np.float32))
         except (ValueError, TypeError):
             raise InputError(f"inputs[{i}]: not a rectangular array of numbers") from None
     return samples
@@ -98,7 +98,7 @@ def create_app(student: OnnxStudent, limits: Limits, max_body_bytes: int = 8 << 
         return card
 
     @app.post("/v1/predict")
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request) -> ORJSONResponse:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in ("application/json", NPY, NPZ):
             raise HTTPException(415, f"content-type {kind!r}: use application/json, {NPY}, {NPZ}")
@@ -110,6 +110,6 @@ def create_app(student: OnnxStudent, limits: Limits, max_body_bytes: int = 8 << 
         except InputError as exc:
             too_big = "max_batch" in str(exc) or "max_length" in str(exc)
             raise HTTPException(413 if too_big else 422, str(exc)) from None
-        return JSONResponse({"predictions": [p.as_json() for p in predictions]})
+        return ORJSONResponse({"predictions": [p.as_json() for p in predictions]})
 
     return app

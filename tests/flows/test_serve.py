@@ -177,13 +177,34 @@ BAD = {
         422,
         "inputs[0]: shape (2, 2, 13)",
     ),
-    "NaN": (
+    "NaN in JSON": (
         {
             "content": b'{"inputs": [[[NaN' + b", 0" * 12 + b"]]]}",
             "headers": {"content-type": "application/json"},
         },
         422,
+        "not valid JSON",
+    ),
+    "NaN in an array": (
+        {
+            "content": _npy(np.full((5, 13), np.nan, np.float32)),
+            "headers": {"content-type": "application/x-npy"},
+        },
+        422,
         "inputs[0]: contains NaN",
+    ),
+    "infinity in an array": (
+        {
+            "content": _npy(np.full((2, 5, 13), np.inf)),
+            "headers": {"content-type": "application/x-npy"},
+        },
+        422,
+        "inputs[0]: contains NaN or infinite",
+    ),
+    "number too large for float32": (
+        {"json": {"inputs": [[[1e300] * 13] * 3]}},
+        422,
+        "inputs[0]: contains NaN or infinite",
     ),
     "strings": ({"json": {"inputs": [[["a"] * 13]]}}, 422, "inputs[0]: not a rectangular array"),
     "ragged": (
