@@ -4,6 +4,7 @@ cmkd run              the whole pipeline through DVC (stale stages only), then a
 cmkd stage NAME       one stage's flow in this process (what dvc.yaml runs)
 cmkd summary          print the summary of the last run
 cmkd bench            the method benchmark (table and JSON under bench/results)
+cmkd import arrays A L OUT   a contract dataset from your arrays and a labels table
 cmkd predict M INPUT  classes of .npy inputs with an exported student (onnxruntime only)
 cmkd serve M          an HTTP server for an exported student on 127.0.0.1
 """
@@ -113,6 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--fresh-teachers", action="store_true", help="retrain the teachers, ignoring the cache"
     )
+    importer = sub.add_parser("import", help="write a contract dataset from your own arrays")
+    importer.add_argument("format", choices=["arrays"], help="what the input is")
+    importer.add_argument("arrays", help=".npy (memory-mapped) or .npz with x [and lengths]")
+    importer.add_argument("labels", help="CSV or parquet: label [, id, split, pair, length]")
+    importer.add_argument("out", help="the dataset folder to create (must not exist)")
+    importer.add_argument("--name", required=True, help="dataset name")
+    importer.add_argument("--modality", required=True, help="e.g. image, audio, text")
+    importer.add_argument("--val-fraction", type=float, default=0.2)
+    importer.add_argument("--test-fraction", type=float, default=0.2)
+    importer.add_argument("--seed", type=int, default=0, help="split and labelled-budget seed")
+    importer.add_argument(
+        "--labelled-per-class", type=int, help="student side: write labelled.csv with this many"
+    )
     predict = sub.add_parser("predict", help="classify .npy inputs with an exported student")
     predict.add_argument("model", help="the student's .onnx file")
     predict.add_argument("input", help="a .npy file (one sample or a batch) or a folder of them")
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
     for p in (predict, serve):
         p.add_argument("--card", help="model card (default: model_card.json beside the model)")
-    for p in (run, stage, show, bench):
+    for p in (run, stage, show, bench, importer):
         p.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -144,6 +158,23 @@ def main(argv: list[str] | None = None) -> int:
             from flows.stages import STAGES
 
             _run_flow(STAGES[args.name], root=args.root)
+            return 0
+        if args.command == "import":
+            from cmkd_core.data.importers import import_arrays
+
+            out = import_arrays(
+                args.arrays,
+                args.labels,
+                args.out,
+                name=args.name,
+                modality=args.modality,
+                val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                seed=args.seed,
+                labelled_per_class=args.labelled_per_class,
+            )
+            samples = len((out / "manifest.csv").read_text().splitlines()) - 1
+            print(f"cmkd: wrote {out} ({samples} samples)")
             return 0
         if args.command == "bench":
             from flows.bench import run_benchmark

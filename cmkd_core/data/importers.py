@@ -1,0 +1,182 @@
+"""Converters that write a contract dataset folder from the user's own arrays.
+
+``import_arrays`` takes one array file and a labels table (CSV or parquet, one row per sample):
+
+- ``.npy`` of shape ``(N, *sample_shape)``: fixed-size samples (images, vectors);
+- ``.npy`` of shape ``(total_frames, F)`` plus a ``length`` column in the table: sequences
+  stored back to back (audio frames, token vectors), sample ``i`` spanning ``length[i]`` frames;
+- ``.npz`` with ``x`` ``(N, *sample_shape)``, or ``x`` ``(N, T, F)`` padded plus ``lengths``
+  ``(N,)``: the same, for data that fit in memory.
+
+The table needs ``label``; ``id``, ``split`` (train/val/test) and ``pair`` (the id of the paired
+sample of the other modality) are optional. A ``.npy`` is read memory-mapped and copied in
+chunks of ``chunk`` samples, so the arrays need not fit in memory. The folder is written under a
+staging name, validated, then renamed: a failure leaves nothing under ``out``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cmkd_core.data.contract import DataContractError, DatasetMeta, Problem, write_dataset
+from cmkd_core.data.defaults import labelled_subset, stratified_splits
+from cmkd_core.data.validate import check_dataset
+
+SAMPLES = "samples.npy"
+
+
+def _fail(file: Path, column: str, row: object, check: str, detail: str) -> DataContractError:
+    return DataContractError([Problem(str(file), column, str(row), check, detail)])
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The labels table (``.csv`` or ``.parquet``) with string ids, labels and splits."""
+    if not path.is_file():
+        raise _fail(path, "-", "-", "exists", "no such file")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types for unreadable files
+        raise _fail(path, "-", "-", "readable", str(exc)) from None
+    if "label" not in table.columns:
+        raise _fail(path, "label", "-", "required", f"columns are {list(table.columns)}")
+    for column in ("label", "id", "split", "pair"):
+        if column in table.columns:
+            missing = table[column].isna().to_numpy().nonzero()[0]
+            if len(missing):
+                raise _fail(path, column, int(missing[0]), "not_null", "empty value")
+            table[column] = table[column].astype(str)
+    return table
+
+
+def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
+    """``(kind, sample_shape, lengths, reader)``; ``reader(i, j)`` returns rows ``i..j`` of the
+    frames (sequences) or samples (fixed) as float32."""
+    if not arrays.is_file():
+        raise _fail(arrays, "-", "-", "exists", "no such file")
+    try:
+        if arrays.suffix == ".npz":
+            with np.load(arrays, allow_pickle=False) as npz:
+                if "x" not in npz.files:
+                    raise _fail(arrays, "x", "-", "required", f"members are {npz.files}")
+                x = npz["x"]
+                lengths = npz["lengths"] if "lengths" in npz.files else None
+            if lengths is not None:
+                if lengths.shape != (len(x),) or x.ndim != 3:
+                    raise _fail(arrays, "lengths", "-", "shape", "needs x (N, T, F), lengths (N,)")
+                bad = np.nonzero((lengths < 1) | (lengths > x.shape[1]))[0]
+                if len(bad):
+                    raise _fail(arrays, "lengths", int(bad[0]), "range", f"1..{x.shape[1]}")
+                x = np.concatenate([x[i, :n] for i, n in enumerate(lengths)])
+        else:
+            x = np.load(arrays, mmap_mode="r", allow_pickle=False)
+            lengths = table["length"].to_numpy() if "length" in table.columns else None
+    except DataContractError:
+        raise
+    except Exception as exc:  # truncated, corrupt or pickled arrays
+        raise _fail(arrays, "-", "-", "readable", f"not a readable array: {exc}") from None
+    if x.dtype.kind not in "fiu":
+        raise _fail(arrays, "-", "-", "dtype", f"{x.dtype} is not numeric")
+    if lengths is None:
+        if len(x) != len(table):
+            raise _fail(labels, "-", len(x), "rows", f"{len(table)} rows for {len(x)} samples")
+        return "fixed", tuple(x.shape[1:]), None, lambda i, j: x[i:j]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) != len(table) or (lengths < 1).any() or lengths.sum() != len(x):
+        raise _fail(
+            labels, "length", "-", "frames", f"lengths sum to {lengths.sum()}, {len(x)} frames"
+        )
+    return "sequence", tuple(x.shape[1:]), lengths, lambda i, j: x[i:j]
+
+
+def import_arrays(
+    arrays: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    *,
+    name: str,
+    modality: str,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    labelled_per_class: int | None = None,
+    chunk: int = 4096,
+) -> Path:
+    """Write the contract dataset ``out`` from ``arrays`` and ``labels`` (module docstring).
+
+    Without a ``split`` column the splits are stratified with the fractions and ``seed``;
+    ``labelled_per_class`` writes ``labelled.csv`` (a student's labelled budget). Raises
+    :class:`DataContractError` naming the file, column and row of the first problem.
+    """
+    arrays, labels, out = Path(arrays), Path(labels), Path(out)
+    if out.exists():
+        raise _fail(out, "-", "-", "absent", "exists already; choose a new folder")
+    table = read_table(labels)
+    kind, shape, lengths, read = _sources(arrays, table, labels)
+    label_values = table["label"].to_numpy()
+    classes = sorted(set(label_values), key=lambda c: (len(c), c))
+    index = np.array([classes.index(c) for c in label_values])
+    if "split" in table.columns:
+        splits = table["split"].to_numpy()
+        bad = np.nonzero(~np.isin(splits, ["train", "val", "test"]))[0]
+        if len(bad):
+            raise _fail(labels, "split", int(bad[0]), "isin", f"{splits[bad[0]]!r}")
+    else:
+        splits = stratified_splits(index, val_fraction, test_fraction, seed)
+    if "id" in table.columns:
+        ids = table["id"]
+        repeated = np.nonzero(ids.duplicated().to_numpy())[0]
+        if len(repeated):
+            raise _fail(labels, "id", int(repeated[0]), "unique", f"{ids.iloc[repeated[0]]!r}")
+    else:
+        ids = [f"{name}-{i:06d}" for i in range(len(table))]
+    counts = np.ones(len(table), np.int64) if lengths is None else lengths
+    manifest = pd.DataFrame(
+        {
+            "id": ids,
+            "label": label_values,
+            "split": splits,
+            "file": SAMPLES,
+            "offset": np.concatenate([[0], np.cumsum(counts)[:-1]]),
+            "length": counts,
+        }
+    )
+    if "pair" in table.columns:
+        manifest["pair"] = table["pair"].to_numpy()
+    labelled = None
+    if labelled_per_class is not None:
+        mask = labelled_subset(index, np.asarray(splits), labelled_per_class, seed)
+        labelled = list(manifest.loc[mask, "id"])
+    meta = DatasetMeta(name, modality, kind, shape, tuple(classes), source=str(arrays))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        rows = int(counts.sum())
+        target = np.lib.format.open_memmap(staging / SAMPLES, "w+", np.float32, (rows, *shape))
+        step = chunk if lengths is None else chunk * max(1, int(np.median(lengths)))
+        for start in range(0, rows, step):
+            block = np.asarray(read(start, start + step), dtype=np.float32)
+            bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]
+            if len(bad):
+                row = start + int(bad[0])  # a sample, or a frame of sample ``sample``
+                sample = np.searchsorted(np.cumsum(counts), row, "right")
+                where = row if lengths is None else f"{sample} (frame {row})"
+                raise _fail(arrays, "-", where, "finite", "NaN or inf values")
+            target[start : start + len(block)] = block
+        target.flush()
+        del target
+        write_dataset(staging, meta, manifest, {}, labelled)
+        try:
+            check_dataset(staging)
+        except DataContractError as exc:  # name the folder the user asked for
+            named = [replace(p, file=p.file.replace(str(staging), str(out))) for p in exc.problems]
+            raise DataContractError(named) from None
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

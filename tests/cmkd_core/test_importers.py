@@ -1,0 +1,158 @@
+"""``cmkd import arrays``: fixed-size and sequence data in, a valid contract folder out; bad
+input refused with the file, column and row, and nothing left behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmkd_core.data import DataContractError, check_dataset
+from cmkd_core.data.importers import import_arrays
+from flows.cli import main
+
+RNG = np.random.default_rng(0)
+
+
+def _labels(n: int, classes: int = 4) -> pd.DataFrame:
+    return pd.DataFrame({"label": [f"c{i % classes}" for i in range(n)]})
+
+
+def test_fixed_size_arrays_become_a_valid_dataset(tmp_path):
+    x = RNG.normal(size=(60, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    _labels(60).to_csv(tmp_path / "labels.csv", index=False)
+    out = import_arrays(
+        tmp_path / "x.npy",
+        tmp_path / "labels.csv",
+        tmp_path / "ds",
+        name="toy",
+        modality="image",
+        labelled_per_class=3,
+        chunk=7,  # several chunks
+    )
+    ds = check_dataset(out)
+    assert ds.meta.kind == "fixed" and ds.meta.sample_shape == (4, 4)
+    assert ds.meta.classes == ("c0", "c1", "c2", "c3")
+    assert len(ds.manifest) == 60 and len(ds.labelled_ids) == 12
+    counts = ds.manifest.groupby(["label", "split"]).size()
+    assert (counts.xs("train", level="split") == 9).all()  # 15 per class: 9/3/3
+    np.testing.assert_array_equal(ds.fixed_arrays(ds.manifest), x)
+
+
+def test_sequences_from_frames_and_lengths_and_from_a_padded_npz(tmp_path):
+    lengths = RNG.integers(3, 9, size=40)
+    frames = RNG.normal(size=(lengths.sum(), 5)).astype(np.float32)
+    np.save(tmp_path / "frames.npy", frames)
+    table = _labels(40).assign(length=lengths, split=["train"] * 24 + ["val"] * 8 + ["test"] * 8)
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    a = check_dataset(
+        import_arrays(
+            tmp_path / "frames.npy",
+            tmp_path / "labels.csv",
+            tmp_path / "a",
+            name="seq",
+            modality="audio",
+            chunk=2,
+        )
+    )
+    assert a.meta.kind == "sequence" and a.meta.sample_shape == (5,)
+    assert list(a.manifest["length"]) == list(lengths)
+    assert list(a.manifest["split"][:24]) == ["train"] * 24
+    padded = np.zeros((40, lengths.max(), 5), np.float32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+        padded[i, :n] = frames[s : s + n]
+    np.savez(tmp_path / "padded.npz", x=padded, lengths=lengths)
+    table.drop(columns="length").to_csv(tmp_path / "labels.csv", index=False)  # lengths in npz
+    b = check_dataset(
+        import_arrays(
+            tmp_path / "padded.npz",
+            tmp_path / "labels.csv",
+            tmp_path / "b",
+            name="seq",
+            modality="audio",
+        )
+    )
+    np.testing.assert_array_equal(np.load(b.root / "samples.npy"), frames)
+
+
+def _case(tmp_path, name):
+    """Write one malformed input; return (arrays, labels, expected message)."""
+    x = RNG.normal(size=(40, 3)).astype(np.float32)
+    labels = _labels(40)
+    expected = None
+    if name == "nan":
+        x[17, 1] = np.nan
+        expected = "x.npy column=- row=17 check=finite"
+    elif name == "rows":
+        labels = labels.iloc[:39]
+        expected = "labels.csv column=- row=40 check=rows: 39 rows for 40 samples"
+    elif name == "no_label":
+        labels = labels.rename(columns={"label": "class"})
+        expected = "labels.csv column=label row=- check=required"
+    elif name == "empty_label":
+        labels.loc[5, "label"] = None
+        expected = "labels.csv column=label row=5 check=not_null"
+    elif name == "bad_split":
+        labels["split"] = ["train"] * 39 + ["training"]
+        expected = "labels.csv column=split row=39 check=isin: 'training'"
+    elif name == "strings":
+        x = np.array([["a"] * 3] * 40)
+        expected = "x.npy column=- row=- check=dtype"
+    elif name == "empty_class_in_a_split":
+        labels["split"] = ["train"] * 20 + ["val"] * 10 + ["test"] * 10
+        labels["label"] = ["c0", "c1"] * 10 + ["c0"] * 10 + ["c0", "c1"] * 5
+        expected = "/out/manifest.csv"
+    elif name == "lengths":
+        labels["length"] = 2
+        expected = "labels.csv column=length row=- check=frames: lengths sum to 80, 40 frames"
+    elif name == "duplicate_id":
+        labels["id"] = [f"s{i}" for i in range(39)] + ["s0"]
+        expected = "labels.csv column=id row=39 check=unique: 's0'"
+    np.save(tmp_path / "x.npy", x)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    if name == "truncated":
+        (tmp_path / "x.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:200])
+        expected = "x.npy column=- row=- check=readable"
+    if name == "pickled":
+        np.save(tmp_path / "x.npy", np.array([{"a": 1}] * 40, dtype=object), allow_pickle=True)
+        expected = "x.npy column=- row=- check=readable"
+    return tmp_path / "x.npy", tmp_path / "labels.csv", expected
+
+
+CASES = [
+    "nan",
+    "rows",
+    "no_label",
+    "empty_label",
+    "bad_split",
+    "strings",
+    "lengths",
+    "duplicate_id",
+    "empty_class_in_a_split",
+    "truncated",
+    "pickled",
+]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_refused_with_its_place_and_leaves_nothing(tmp_path, name):
+    arrays, labels, expected = _case(tmp_path, name)
+    with pytest.raises(DataContractError) as info:
+        import_arrays(arrays, labels, tmp_path / "out", name="t", modality="m")
+    assert expected in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv", "x.npy"]
+
+
+def test_cli_import_exits_2_and_never_overwrites(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", RNG.normal(size=(40, 3)).astype(np.float32))
+    _labels(40).to_csv(tmp_path / "labels.csv", index=False)
+    argv = ["import", "arrays", str(tmp_path / "x.npy"), str(tmp_path / "labels.csv")]
+    argv += [str(tmp_path / "ds"), "--name", "t", "--modality", "vector"]
+    assert main(argv) == 0
+    manifest = (tmp_path / "ds" / "manifest.csv").read_bytes()
+    assert main(argv) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert (tmp_path / "ds" / "manifest.csv").read_bytes() == manifest
