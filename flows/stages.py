@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from cmkd_core.config import load_params
-from tasks.data import materialise_default_pair, validate_pair
+from tasks.data import copy_imported_pair, materialise_default_pair, validate_pair
 from tasks.evaluate import evaluate_students, methods_of
 from tasks.export import export_student
 from tasks.layout import Layout
@@ -16,9 +16,13 @@ from tasks.train import distill_student, train_teacher
 
 @flow(name="prepare")
 def prepare(root: str = ".") -> dict:
-    """Write the embedded default pair into ``data/prepared`` (params: ``data``)."""
+    """Write the embedded default pair, or copy the imported one, into ``data/prepared``
+    (params: ``data``)."""
     layout = Layout(Path(root))
-    return materialise_default_pair(layout, load_params(layout.params).data)
+    params = load_params(layout.params).data
+    if params.source == "import":
+        return copy_imported_pair(layout, params)
+    return materialise_default_pair(layout, params)
 
 
 @flow(name="validate")

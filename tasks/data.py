@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from cmkd_core.config import DataParams
 from cmkd_core.data import check_pair, write_dataset, write_text_atomic
-from cmkd_core.data.contract import SPLITS, ModalityDataset
-from cmkd_core.data.defaults import audio_dataset, image_dataset
+from cmkd_core.data.contract import LABELLED, SPLITS, DataContractError, ModalityDataset, Problem
+from cmkd_core.data.defaults import audio_dataset, image_dataset, labelled_subset
 from cmkd_core.export import sha256_file
 from tasks.layout import Layout
 
@@ -40,6 +42,42 @@ def materialise_default_pair(layout: Layout, params: DataParams) -> dict[str, in
         "student_labelled": len(labelled),
     }
     get_run_logger().info("prepared %s", counts)
+    return counts
+
+
+@task(name="copy-imported-pair", cache_policy=NONE, retries=1)
+def copy_imported_pair(layout: Layout, params: DataParams) -> dict[str, int]:
+    """Copy the user's contract folders ``import_dir/{teacher,student}`` into
+    ``data/prepared``; a student without ``labelled.csv`` gets ``labelled_per_class`` labels per
+    class drawn with ``seed``. Checking them is the ``validate`` stage's job."""
+    source = layout.root / params.import_dir
+    counts: dict[str, int] = {}
+    missing = [
+        Problem(str(source / role), "-", "-", "exists", "no imported dataset (manifest.csv)")
+        for role in ("teacher", "student")
+        if not (source / role / "manifest.csv").is_file()
+    ]
+    if missing:  # before anything is copied
+        raise DataContractError(missing)
+    for role, target in (("teacher", layout.teacher_data), ("student", layout.student_data)):
+        folder = source / role
+        staging = target.with_name(f".staging-{role}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(folder, staging)
+        if role == "student" and not (staging / LABELLED).is_file():
+            manifest = pd.read_csv(staging / "manifest.csv", dtype={"id": str, "label": str})
+            mask = labelled_subset(
+                manifest["label"].to_numpy(),
+                manifest["split"].to_numpy(),
+                params.labelled_per_class,
+                params.seed,
+            )
+            pd.DataFrame({"id": manifest.loc[mask, "id"]}).to_csv(staging / LABELLED, index=False)
+            counts["student_labelled"] = int(mask.sum())
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        counts[f"{role}_samples"] = len((target / "manifest.csv").read_text().splitlines()) - 1
+    get_run_logger().info("imported %s", counts)
     return counts
 
 

@@ -1,0 +1,53 @@
+"""``data.source: import``: the prepare and validate flows take the user's imported pair."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cmkd_core.data import DataContractError
+from cmkd_core.data.importers import import_arrays
+
+
+def _import(root, role, shape, per_class=12, classes=("a", "b", "c")):
+    rng = np.random.default_rng(len(role))
+    n = per_class * len(classes)
+    np.save(root / f"{role}.npy", rng.normal(size=(n, *shape)).astype(np.float32))
+    pd.DataFrame({"label": list(classes) * per_class}).to_csv(root / f"{role}.csv", index=False)
+    import_arrays(
+        root / f"{role}.npy",
+        root / f"{role}.csv",
+        root / "data" / "import" / role,
+        name=role,
+        modality=role,
+    )
+
+
+def test_prepare_copies_the_imported_pair_and_validate_accepts_it(tmp_path, prefect_harness):
+    from flows.stages import prepare, validate
+
+    _import(tmp_path, "teacher", (6, 6))
+    _import(tmp_path, "student", (10,))
+    params = {"data": {"source": "import", "labelled_per_class": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    counts = prepare(root=str(tmp_path))
+    assert counts == {"teacher_samples": 36, "student_samples": 36, "student_labelled": 6}
+    report = validate(root=str(tmp_path))
+    assert report["classes"] == ["a", "b", "c"]
+    assert report["teacher"]["sample_shape"] == [6, 6] and report["student"]["labelled_train"] == 6
+    saved = json.loads((tmp_path / "data" / "validated" / "report.json").read_text())
+    assert saved["student"]["name"] == "student"
+
+
+def test_prepare_without_an_imported_dataset_says_which(tmp_path, prefect_harness):
+    from flows.stages import prepare
+
+    _import(tmp_path, "teacher", (4,))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "import"}}))
+    with pytest.raises(DataContractError, match=r"data/import/student .*no imported dataset"):
+        prepare(root=str(tmp_path))
+    assert not (tmp_path / "data" / "prepared" / "teacher").exists()
