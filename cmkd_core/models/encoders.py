@@ -90,6 +90,27 @@ class SequenceCNN(nn.Module):
         return self.proj(torch.cat([mean, h.amax(-1)], dim=1))
 
 
+class MLP(nn.Module):
+    """Two layers over flattened fixed-size samples ``x (B, *sample_shape)`` (vectors such as
+    embeddings or sensor features) -> ``(B, feature_dim)``. The input standardisation is one
+    mean and std over all values, as for images."""
+
+    def __init__(self, in_dim: int, feature_dim: int = 128, hidden: int = 256):
+        super().__init__()
+        self.norm = Standardize(1)
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, feature_dim),
+            nn.ReLU(),
+        )
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.norm(x.flatten(1).unsqueeze(-1)).squeeze(-1))
+
+
 class Classifier(nn.Module):
     """Encoder plus linear head: ``forward(*inputs)`` gives logits ``(B, num_classes)``.
 
@@ -130,3 +151,12 @@ def sequence_cnn(sample_shape: tuple[int, ...] = (13,), feature_dim: int = 64) -
     if len(sample_shape) != 1:
         raise ValueError(f"sequence_cnn needs sample_shape (F,), got {sample_shape}")
     return SequenceCNN(sample_shape[0], feature_dim)
+
+
+@register_model("mlp")
+def mlp(sample_shape: tuple[int, ...] = (64,), feature_dim: int = 128) -> MLP:
+    """MLP for fixed-size samples of any ``sample_shape`` (flattened)."""
+    size = 1
+    for d in sample_shape:
+        size *= d
+    return MLP(size, feature_dim)

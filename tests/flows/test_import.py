@@ -27,12 +27,16 @@ def _import(root, role, shape, per_class=12, classes=("a", "b", "c")):
     )
 
 
-def test_prepare_copies_the_imported_pair_and_validate_accepts_it(tmp_path, prefect_harness):
-    from flows.stages import prepare, validate
+def test_the_pipeline_runs_on_an_imported_pair_by_params_alone(tmp_path, prefect_harness):
+    from flows.stages import STAGES, prepare, validate
 
     _import(tmp_path, "teacher", (6, 6))
     _import(tmp_path, "student", (10,))
-    params = {"data": {"source": "import", "labelled_per_class": 2}}
+    params = {
+        "data": {"source": "import", "labelled_per_class": 2},
+        "teacher": {"model": "mlp", "epochs": 2, "feature_dim": 16, "device": "cpu"},
+        "distill": {"model": "mlp", "epochs": 2, "batch_size": 8, "device": "cpu"},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     counts = prepare(root=str(tmp_path))
     assert counts == {"teacher_samples": 36, "student_samples": 36, "student_labelled": 6}
@@ -41,6 +45,11 @@ def test_prepare_copies_the_imported_pair_and_validate_accepts_it(tmp_path, pref
     assert report["teacher"]["sample_shape"] == [6, 6] and report["student"]["labelled_train"] == 6
     saved = json.loads((tmp_path / "data" / "validated" / "report.json").read_text())
     assert saved["student"]["name"] == "student"
+    for stage in ("teacher", "distill", "evaluate", "export"):
+        STAGES[stage](root=str(tmp_path))
+    card = json.loads((tmp_path / "data" / "export" / "model_card.json").read_text())
+    assert card["classes"] == ["a", "b", "c"] and card["architecture"]["model"] == "mlp"
+    assert card["metrics"]["onnx_test_accuracy"] == card["metrics"]["test_accuracy"]
 
 
 def test_prepare_without_an_imported_dataset_says_which(tmp_path, prefect_harness):
