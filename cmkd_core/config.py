@@ -38,6 +38,12 @@ class DataParams(_Strict):
 class TeacherParams(_Strict):
     """Stage ``teacher``: the image CNN trained on the teacher modality, then the bank."""
 
+    source: Literal["train", "onnx"] = "train"
+    """``train``: train ``model`` here; ``onnx``: run the user's ONNX teacher ``onnx`` over the
+    teacher data (outputs ``feature_output`` and ``logits_output``) to make the bank."""
+    onnx: str = "data/import/teacher.onnx"
+    feature_output: str = "features"
+    logits_output: str = "logits"
     model: str = "image_cnn"
     feature_dim: int = Field(128, ge=2)
     epochs: int = Field(30, ge=1)

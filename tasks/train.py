@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from safetensors.torch import save_file
 
 from cmkd_core.bank import load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
-from cmkd_core.data import check_dataset
+from cmkd_core.data import atomic_path, check_dataset
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.recipes import fit_student, fit_teacher
+from cmkd_core.export import sha256_file
 from cmkd_core.models.checkpoint import save_classifier
+from cmkd_core.teachers import bank_from_onnx
 from tasks.data import write_json
 from tasks.layout import Layout
 
@@ -19,8 +22,10 @@ from tasks.layout import Layout
 def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     """Train the teacher, extract the bank, write weights, bank and metrics."""
     logger = get_run_logger()
-    device = resolve_device(params.device)
     dataset = check_dataset(layout.teacher_data)
+    if params.source == "onnx":
+        return _onnx_teacher(layout, params, dataset)
+    device = resolve_device(params.device)
     fitted, data = fit_teacher(dataset, params, device)
     # Reported for information only; selection used val.
     metrics = {
@@ -35,6 +40,30 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     save_bank(bank, layout.bank)
     write_json(layout.teacher_metrics, {**metrics, "history": fitted.result.history})
     logger.info("teacher: val %.4f test %.4f", metrics["val_accuracy"], metrics["test_accuracy"])
+    return metrics
+
+
+def _onnx_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
+    """The bank from the user's ONNX teacher; ``teacher.safetensors`` then records the head
+    recovered from it and where it came from (there are no trained weights)."""
+    path = layout.root / params.onnx
+    bank, accuracy = bank_from_onnx(path, dataset, params.feature_output, params.logits_output)
+    metrics = {
+        "val_accuracy": accuracy["val"],
+        "test_accuracy": accuracy["test"],
+        "source": "onnx",
+        "onnx_sha256": sha256_file(path),
+    }
+    bank.info.update(metrics)
+    with atomic_path(layout.teacher_weights) as tmp:
+        save_file(
+            {"head_weight": bank.head_weight, "head_bias": bank.head_bias},
+            str(tmp),
+            metadata={"source": "onnx", "file": params.onnx, "sha256": metrics["onnx_sha256"]},
+        )
+    save_bank(bank, layout.bank)
+    write_json(layout.teacher_metrics, metrics)
+    get_run_logger().info("ONNX teacher %s: val %.4f test %.4f", path, *accuracy.values())
     return metrics
 
 
