@@ -4,8 +4,8 @@ cmkd run              the whole pipeline through DVC (stale stages only), then a
 cmkd stage NAME       one stage's flow in this process (what dvc.yaml runs)
 cmkd summary          print the summary of the last run
 cmkd bench            the method benchmark (table and JSON under bench/results)
-cmkd import arrays A L OUT   a contract dataset from your arrays and a labels table
-cmkd predict M INPUT  classes of .npy inputs with an exported student (onnxruntime only)
+cmkd import FORMAT SRC LABELS OUT   a contract dataset from your arrays or WAV files
+cmkd predict M INPUT  classes of .npy (or .wav) inputs with an exported student (onnxruntime)
 cmkd serve M          an HTTP server for an exported student on 127.0.0.1
 """
 
@@ -115,18 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh-teachers", action="store_true", help="retrain the teachers, ignoring the cache"
     )
     importer = sub.add_parser("import", help="write a contract dataset from your own arrays")
-    importer.add_argument("format", choices=["arrays"], help="what the input is")
-    importer.add_argument("arrays", help=".npy (memory-mapped) or .npz with x [and lengths]")
-    importer.add_argument("labels", help="CSV or parquet: label [, id, split, pair, length]")
+    importer.add_argument("format", choices=["arrays", "wav"], help="what the input is")
+    importer.add_argument(
+        "source", help="arrays: .npy (memory-mapped) or .npz; wav: a folder of WAV files"
+    )
+    importer.add_argument(
+        "labels", help="CSV or parquet: label [, id, split, pair]; length (arrays), file (wav)"
+    )
     importer.add_argument("out", help="the dataset folder to create (must not exist)")
     importer.add_argument("--name", required=True, help="dataset name")
-    importer.add_argument("--modality", required=True, help="e.g. image, audio, text")
+    importer.add_argument("--modality", default="audio", help="e.g. image, audio, text")
     importer.add_argument("--val-fraction", type=float, default=0.2)
     importer.add_argument("--test-fraction", type=float, default=0.2)
     importer.add_argument("--seed", type=int, default=0, help="split and labelled-budget seed")
     importer.add_argument(
         "--labelled-per-class", type=int, help="student side: write labelled.csv with this many"
     )
+    importer.add_argument("--sample-rate", type=int, default=16000, help="wav: resample to")
+    importer.add_argument("--features", choices=["mfcc", "logmel"], default="mfcc", help="wav")
+    importer.add_argument("--n-mels", type=int, default=40, help="wav: mel filters")
+    importer.add_argument("--n-mfcc", type=int, default=13, help="wav: MFCC coefficients")
     predict = sub.add_parser("predict", help="classify .npy inputs with an exported student")
     predict.add_argument("model", help="the student's .onnx file")
     predict.add_argument("input", help="a .npy file (one sample or a batch) or a folder of them")
@@ -160,19 +168,23 @@ def main(argv: list[str] | None = None) -> int:
             _run_flow(STAGES[args.name], root=args.root)
             return 0
         if args.command == "import":
-            from cmkd_core.data.importers import import_arrays
+            from cmkd_core.data.importers import import_arrays, import_wav
+            from cmkd_core.frontend import AudioFrontEnd
 
-            out = import_arrays(
-                args.arrays,
-                args.labels,
-                args.out,
-                name=args.name,
-                modality=args.modality,
-                val_fraction=args.val_fraction,
-                test_fraction=args.test_fraction,
-                seed=args.seed,
-                labelled_per_class=args.labelled_per_class,
-            )
+            common = {
+                "name": args.name,
+                "val_fraction": args.val_fraction,
+                "test_fraction": args.test_fraction,
+                "seed": args.seed,
+                "labelled_per_class": args.labelled_per_class,
+            }
+            if args.format == "wav":
+                front_end = AudioFrontEnd(args.sample_rate, args.features, args.n_mels, args.n_mfcc)
+                out = import_wav(args.source, args.labels, args.out, front_end=front_end, **common)
+            else:
+                out = import_arrays(
+                    args.source, args.labels, args.out, modality=args.modality, **common
+                )
             samples = len((out / "manifest.csv").read_text().splitlines()) - 1
             print(f"cmkd: wrote {out} ({samples} samples)")
             return 0

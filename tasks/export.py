@@ -122,6 +122,7 @@ def export_student(layout: Layout, params: Params) -> dict:
             )
         },
         "outputs": {"logits": f"float32 (batch, {len(classes)}); softmax for probabilities"},
+        "front_end": dataset.meta.extra.get("front_end"),
         "normalisation": {
             "inside_graph": True,
             "formula": "(x - mean) / std per feature, train-split statistics",

@@ -27,12 +27,18 @@ import pandas as pd
 from cmkd_core.data.contract import DataContractError, DatasetMeta, Problem, write_dataset
 from cmkd_core.data.defaults import labelled_subset, stratified_splits
 from cmkd_core.data.validate import check_dataset
+from cmkd_core.frontend import AudioError, AudioFrontEnd, read_wav
 
 SAMPLES = "samples.npy"
 
 
 def _fail(file: Path, column: str, row: object, check: str, detail: str) -> DataContractError:
     return DataContractError([Problem(str(file), column, str(row), check, detail)])
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise _fail(out, "-", "-", "absent", "exists already; choose a new folder")
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -106,6 +112,8 @@ def import_arrays(
     seed: int = 0,
     labelled_per_class: int | None = None,
     chunk: int = 4096,
+    extra: dict | None = None,
+    source: str | None = None,
 ) -> Path:
     """Write the contract dataset ``out`` from ``arrays`` and ``labels`` (module docstring).
 
@@ -114,8 +122,7 @@ def import_arrays(
     :class:`DataContractError` naming the file, column and row of the first problem.
     """
     arrays, labels, out = Path(arrays), Path(labels), Path(out)
-    if out.exists():
-        raise _fail(out, "-", "-", "absent", "exists already; choose a new folder")
+    _refuse_existing(out)
     table = read_table(labels)
     kind, shape, lengths, read = _sources(arrays, table, labels)
     label_values = table["label"].to_numpy()
@@ -152,7 +159,8 @@ def import_arrays(
     if labelled_per_class is not None:
         mask = labelled_subset(index, np.asarray(splits), labelled_per_class, seed)
         labelled = list(manifest.loc[mask, "id"])
-    meta = DatasetMeta(name, modality, kind, shape, tuple(classes), source=str(arrays))
+    origin = source or str(arrays)
+    meta = DatasetMeta(name, modality, kind, shape, tuple(classes), origin, extra or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -177,6 +185,72 @@ def import_arrays(
             named = [replace(p, file=p.file.replace(str(staging), str(out))) for p in exc.problems]
             raise DataContractError(named) from None
         staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def import_wav(
+    folder: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    *,
+    name: str,
+    front_end: AudioFrontEnd,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    labelled_per_class: int | None = None,
+) -> Path:
+    """Run ``front_end`` over the WAV files of ``folder`` named in the ``file`` column of
+    ``labels`` and write a sequence dataset ``out`` whose ``dataset.json`` records the front
+    end. Clips are read one at a time and their frames appended to disk, so memory holds one
+    clip; the frames file is then written as ``.npy`` in chunks."""
+    folder, labels, out = Path(folder), Path(labels), Path(out)
+    _refuse_existing(out)
+    table = read_table(labels)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "file" not in table.columns:
+        raise _fail(labels, "file", "-", "required", f"columns are {list(table.columns)}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.wav.", dir=out.parent))
+    try:
+        raw, lengths = staging / "frames.f32", []
+        with raw.open("wb") as sink:
+            for row, file in enumerate(table["file"]):
+                path = folder / file
+                if not path.is_file():
+                    raise _fail(labels, "file", row, "exists", f"{path}: no such file")
+                try:
+                    frames = front_end(*read_wav(path))
+                except AudioError as exc:
+                    raise _fail(path, "-", row, "wav", str(exc)) from None
+                sink.write(frames.tobytes())
+                lengths.append(len(frames))
+        width = front_end.num_features
+        total = sum(lengths)
+        frames_npy = staging / "frames.npy"
+        target = np.lib.format.open_memmap(frames_npy, "w+", np.float32, (total, width))
+        source = np.memmap(raw, np.float32, "r", shape=(total, width))
+        for start in range(0, total, 1 << 16):
+            target[start : start + (1 << 16)] = source[start : start + (1 << 16)]
+        target.flush()
+        del target, source
+        raw.unlink()
+        table = table.drop(columns="file").assign(length=lengths)
+        table.to_csv(staging / "labels.csv", index=False)
+        out = import_arrays(
+            frames_npy,
+            staging / "labels.csv",
+            out,
+            name=name,
+            modality="audio",
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            labelled_per_class=labelled_per_class,
+            extra={"front_end": front_end.to_json()},
+            source=f"{folder} (WAV, {front_end.features})",
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -4,7 +4,8 @@
 
 - JSON ``{"inputs": [sample, ...]}``, each sample a nested list of numbers, or
 - a binary array: ``application/x-npy`` (one sample, or a batch on a leading axis, every
-  sequence at full length) or ``application/x-npz`` with ``x`` and, for sequences, ``lengths``.
+  sequence at full length) or ``application/x-npz`` with ``x`` and, for sequences, ``lengths``;
+- ``audio/wav``: one clip, through the audio front end the model card records.
 
 Every bad request gets a 4xx whose ``detail`` names the limit or the field; bodies are read
 up to ``max_body_bytes`` and no further.
@@ -22,7 +23,7 @@ from fastapi.responses import ORJSONResponse
 
 from cmkd_core.deploy.runtime import InputError, Limits, OnnxStudent
 
-NPY, NPZ = "application/x-npy", "application/x-npz"
+NPY, NPZ, WAV = "application/x-npy", "application/x-npz", "audio/wav"
 
 
 async def _body(request: Request, max_bytes: int) -> bytes:
@@ -100,12 +101,18 @@ def create_app(student: OnnxStudent, limits: Limits, max_body_bytes: int = 8 << 
     @app.post("/v1/predict")
     async def predict(request: Request) -> ORJSONResponse:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind not in ("application/json", NPY, NPZ):
-            raise HTTPException(415, f"content-type {kind!r}: use application/json, {NPY}, {NPZ}")
+        if kind not in ("application/json", NPY, NPZ, WAV):
+            raise HTTPException(
+                415, f"content-type {kind!r}: use application/json, {NPY}, {NPZ} or {WAV}"
+            )
         body = await _body(request, max_body_bytes)
         try:
-            samples = _json_samples(body) if kind == "application/json" else None
-            samples = samples if samples is not None else _binary_samples(body, kind, student)
+            if kind == "application/json":
+                samples = _json_samples(body)
+            elif kind == WAV:
+                samples = [student.wav_features(body, "body")]
+            else:
+                samples = _binary_samples(body, kind, student)
             predictions = student.predict(samples, limits)
         except InputError as exc:
             too_big = "max_batch" in str(exc) or "max_length" in str(exc)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cmkd_core.frontend import AudioError, AudioFrontEnd, read_wav
+
 
 class InputError(ValueError):
     """An input the model cannot take; the message names the input and what is wrong."""
@@ -169,6 +171,19 @@ class OnnxStudent:
             for p in probs
         ]
 
+    def wav_features(self, data: bytes, where: str) -> np.ndarray:
+        """The model's input frames for a WAV file, through the front end its card records."""
+        spec = self.card.get("front_end")
+        if not spec:
+            raise InputError(
+                f"{where}: this model's card records no audio front end (its data were not "
+                "imported from WAV); pass the model's input arrays as .npy files"
+            )
+        try:
+            return AudioFrontEnd.from_json(spec)(*read_wav(data, where))
+        except AudioError as exc:
+            raise InputError(str(exc)) from None
+
     def split_batch(self, array: np.ndarray, where: str) -> list[np.ndarray]:
         """The samples of one array: a single sample, or a batch along a leading axis."""
         single = 2 if self.is_sequence else len(self.sample_shape)
@@ -198,10 +213,8 @@ def read_inputs(path: str | Path, student: OnnxStudent) -> list[tuple[str, np.nd
     out: list[tuple[str, np.ndarray]] = []
     for file in files:
         if file.suffix.lower() == ".wav":
-            raise InputError(
-                f"{file}: this model's card records no audio front end (its data were MFCC "
-                "arrays); pass the arrays as .npy files"
-            )
+            out.append((str(file), student.wav_features(file.read_bytes(), str(file))))
+            continue
         if file.suffix.lower() != ".npy":
             raise InputError(f"{file}: expected a .npy array")
         try:

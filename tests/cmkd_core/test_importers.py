@@ -156,3 +156,83 @@ def test_cli_import_exits_2_and_never_overwrites(tmp_path, capsys):
     assert main(argv) == 2
     assert "exists already" in capsys.readouterr().err
     assert (tmp_path / "ds" / "manifest.csv").read_bytes() == manifest
+
+
+def _tone(freq: float, seconds: float, rate: int, seed: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(seed).normal(scale=0.05, size=t.shape)
+    return 0.5 * np.sin(2 * np.pi * freq * t) + noise
+
+
+@pytest.fixture()
+def wav_folder(tmp_path):
+    """24 clips of three tones: int16 at 16 kHz, some at 8 kHz, one stereo, one float32."""
+    from scipy.io import wavfile
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rows = []
+    for i in range(24):
+        label, freq = [("low", 300), ("mid", 700), ("high", 1500)][i % 3]
+        rate = 8000 if i % 5 == 0 else 16000
+        audio = _tone(freq, 0.3 + 0.01 * i, rate, i)
+        if i == 7:
+            data = np.stack([audio, audio], 1)
+            data = (data * 32767).astype(np.int16)
+        elif i == 8:
+            data = audio.astype(np.float32)
+        else:
+            data = (audio * 32767).astype(np.int16)
+        wavfile.write(folder / f"c{i:02d}.wav", rate, data)
+        rows.append({"file": f"c{i:02d}.wav", "label": label})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    return folder
+
+
+def test_wav_folder_becomes_frames_with_its_front_end_recorded(tmp_path, wav_folder):
+    from cmkd_core.data.importers import import_wav
+    from cmkd_core.frontend import AudioFrontEnd
+
+    front = AudioFrontEnd(sample_rate=16000, features="logmel", n_mels=40)
+    ds = check_dataset(
+        import_wav(
+            wav_folder, tmp_path / "labels.csv", tmp_path / "ds", name="tones", front_end=front
+        )
+    )
+    assert ds.meta.kind == "sequence" and ds.meta.sample_shape == (40,)
+    assert ds.meta.extra["front_end"] == front.to_json()
+    # 25 ms windows every 10 ms at 16 kHz: 1 + (n - 400) // 160 frames for n samples.
+    n = int((0.3 + 0.01 * 1) * 16000)
+    assert ds.manifest["length"].iloc[1] == 1 + (n - 400) // 160
+    # The features mean something: the loudest mel band rises with the tone's pitch.
+    peak = {}
+    for label in ("low", "mid", "high"):
+        rows = ds.manifest[ds.manifest["label"] == label]
+        x, lengths = ds.padded_sequences(rows)
+        peak[label] = np.mean([x[i, : lengths[i]].mean(0).argmax() for i in range(len(rows))])
+    assert peak["low"] < peak["mid"] < peak["high"]
+
+
+def test_bad_wav_files_are_named_and_leave_nothing(tmp_path, wav_folder):
+    from cmkd_core.data.importers import import_wav
+    from cmkd_core.frontend import AudioFrontEnd
+
+    (wav_folder / "c05.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    with pytest.raises(DataContractError, match=r"c05.wav column=- row=5 check=wav"):
+        import_wav(
+            wav_folder,
+            tmp_path / "labels.csv",
+            tmp_path / "ds",
+            name="t",
+            front_end=AudioFrontEnd(),
+        )
+    (wav_folder / "c05.wav").unlink()
+    with pytest.raises(DataContractError, match=r"labels.csv column=file row=5 check=exists"):
+        import_wav(
+            wav_folder,
+            tmp_path / "labels.csv",
+            tmp_path / "ds",
+            name="t",
+            front_end=AudioFrontEnd(),
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips", "labels.csv"]

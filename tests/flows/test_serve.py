@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cmkd_core.data import check_pair
+from cmkd_core.deploy import Limits
 from cmkd_core.distill import extract_bank
 from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.export import export_onnx
@@ -306,3 +307,42 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok") and "clip039.npy" in done.stdout
+
+
+def test_a_wav_goes_through_the_front_end_its_card_records(exported, tmp_path):
+    """predict and serve compute a WAV's frames with the card's front end, exactly as the
+    import did; the result equals predicting those frames as an array."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from scipy.io import wavfile
+
+    from cmkd_core.deploy import OnnxStudent
+    from cmkd_core.deploy.http import create_app
+    from cmkd_core.frontend import AudioFrontEnd
+
+    front = AudioFrontEnd(sample_rate=8000, features="mfcc", n_mfcc=13)
+    model = tmp_path / "student.onnx"
+    shutil.copy(exported["model"], model)
+    card = {"classes": exported["classes"], "front_end": front.to_json()}
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    t = np.arange(4000) / 16000
+    wavfile.write(
+        tmp_path / "clip.wav", 16000, (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    )
+    rate, data = wavfile.read(tmp_path / "clip.wav")
+    np.save(tmp_path / "clip.npy", front(data / 32767, rate))
+    by_wav = json.loads(_cli("predict", str(model), str(tmp_path / "clip.wav"), "--json").stdout)
+    by_npy = json.loads(_cli("predict", str(model), str(tmp_path / "clip.npy"), "--json").stdout)
+    assert by_wav[0]["probabilities"] == by_npy[0]["probabilities"]
+    client = TestClient(create_app(OnnxStudent(model), Limits()))
+    reply = client.post(
+        "/v1/predict",
+        content=(tmp_path / "clip.wav").read_bytes(),
+        headers={"content-type": "audio/wav"},
+    )
+    assert (
+        reply.status_code == 200 and reply.json()["predictions"][0]["class"] == by_wav[0]["class"]
+    )
+    bad = client.post("/v1/predict", content=b"RIFFxxxx", headers={"content-type": "audio/wav"})
+    assert bad.status_code == 422 and "not a readable WAV" in bad.json()["detail"]

@@ -1,0 +1,94 @@
+"""The audio front end: WAV file -> log-mel or MFCC frames, in numpy and scipy only.
+
+One implementation serves ``cmkd import wav`` and ``cmkd predict``/``cmkd serve`` (which must
+not need torch), and its settings travel in ``dataset.json`` and the model card, so a deployed
+student computes its inputs exactly as its training data were computed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from scipy import fft, signal
+from scipy.io import wavfile
+
+
+class AudioError(ValueError):
+    """A WAV file cannot be read or is empty; the message names it."""
+
+
+@dataclass(frozen=True)
+class AudioFrontEnd:
+    """Mono, resampled to ``sample_rate``; Hann windows of ``win_ms`` every ``hop_ms``; power
+    spectrum; ``n_mels`` triangular mel filters (HTK scale, 0 to Nyquist); natural log; for
+    ``mfcc``, the first ``n_mfcc`` orthonormal DCT-II coefficients."""
+
+    sample_rate: int = 16000
+    features: Literal["mfcc", "logmel"] = "mfcc"
+    n_mels: int = 40
+    n_mfcc: int = 13
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+
+    @property
+    def num_features(self) -> int:
+        return self.n_mfcc if self.features == "mfcc" else self.n_mels
+
+    def to_json(self) -> dict:
+        return {"kind": "audio", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> AudioFrontEnd:
+        return cls(**{k: v for k, v in raw.items() if k != "kind"})
+
+    def __call__(self, audio: np.ndarray, rate: int) -> np.ndarray:
+        """Frames ``(T, num_features)`` float32 of a mono signal ``audio (n,)`` at ``rate``."""
+        if rate != self.sample_rate:
+            g = math.gcd(rate, self.sample_rate)
+            audio = signal.resample_poly(audio, self.sample_rate // g, rate // g)
+        win = round(self.win_ms * self.sample_rate / 1000)
+        hop = round(self.hop_ms * self.sample_rate / 1000)
+        if len(audio) < win:
+            audio = np.pad(audio, (0, win - len(audio)))
+        frames = np.lib.stride_tricks.sliding_window_view(audio, win)[::hop]
+        n_fft = 1 << (win - 1).bit_length()
+        power = np.abs(np.fft.rfft(frames * signal.get_window("hann", win), n_fft)) ** 2
+        logmel = np.log(power @ _mel_filters(self.n_mels, n_fft, self.sample_rate).T + 1e-10)
+        if self.features == "mfcc":
+            logmel = fft.dct(logmel, type=2, norm="ortho", axis=1)[:, : self.n_mfcc]
+        return logmel.astype(np.float32)
+
+
+def _mel_filters(n_mels: int, n_fft: int, rate: int) -> np.ndarray:
+    """Triangular filters ``(n_mels, n_fft // 2 + 1)`` evenly spaced on the HTK mel scale."""
+    mel = 2595 * np.log10(1 + np.array([0.0, rate / 2]) / 700)
+    edges = 700 * (10 ** (np.linspace(mel[0], mel[1], n_mels + 2) / 2595) - 1)
+    bins = np.fft.rfftfreq(n_fft, 1 / rate)
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (bins - lower) / (centre - lower)
+    falling = (upper - bins) / (upper - centre)
+    return np.maximum(0, np.minimum(rising, falling))
+
+
+def read_wav(source: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, int]:
+    """A WAV file (path or bytes) as a mono float signal in [-1, 1] and its sample rate."""
+    where = name or str(source if not isinstance(source, bytes) else "<bytes>")
+    try:
+        rate, data = wavfile.read(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Exception as exc:  # scipy raises ValueError, EOFError, OSError for bad files
+        raise AudioError(f"{where}: not a readable WAV file: {exc}") from None
+    if data.dtype.kind == "u":
+        data = (data.astype(np.float64) - 128) / 128
+    elif data.dtype.kind == "i":
+        data = data.astype(np.float64) / np.iinfo(data.dtype).max
+    data = np.asarray(data, dtype=np.float64)
+    if data.ndim == 2:
+        data = data.mean(axis=1)
+    if data.size == 0 or not np.isfinite(data).all():
+        raise AudioError(f"{where}: empty or non-finite audio")
+    return data, int(rate)
