@@ -57,3 +57,35 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def export_teacher_onnx():
+    """``export(model, example, path, names=("features", "logits"), squash=False)``: a trained
+    classifier as an ONNX teacher with a feature output and a logits output (``squash`` makes
+    the feature output non-linear in the logits, a teacher the pipeline must refuse)."""
+    import torch
+    from torch import nn
+
+    class TwoOutputs(nn.Module):
+        def __init__(self, model, squash):
+            super().__init__()
+            self.model, self.squash = model, squash
+
+        def forward(self, x):
+            features = self.model.encoder(x)
+            return (features**2 if self.squash else features), self.model.head(features)
+
+    def export(model, example, path, names=("features", "logits"), squash=False):
+        program = torch.onnx.export(
+            TwoOutputs(model, squash).eval(),
+            (example,),
+            input_names=["x"],
+            output_names=list(names),
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(str(path))
+
+    return export

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from cmkd_core.bank import BankError, load_bank
 from cmkd_core.data import check_dataset
@@ -17,40 +16,15 @@ from cmkd_core.distill.recipes import fit_teacher
 from cmkd_core.teachers import bank_from_onnx
 
 
-class _TwoOutputs(nn.Module):
-    def __init__(self, model, squash: bool = False):
-        super().__init__()
-        self.model, self.squash = model, squash
-
-    def forward(self, x):
-        features = self.model.encoder(x)
-        logits = self.model.head(features)
-        return (features**2 if self.squash else features), logits
-
-
-def _export(module, example, path, names=("features", "logits")) -> None:
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        module.eval(),
-        (example,),
-        input_names=["x"],
-        output_names=list(names),
-        dynamic_shapes={"x": {0: batch}},
-        dynamo=True,
-        verbose=False,
-    )
-    program.save(str(path))
-
-
 @pytest.fixture(scope="module")
-def onnx_teacher(pair_root, tiny_params, tmp_path_factory):
+def onnx_teacher(pair_root, tiny_params, tmp_path_factory, export_teacher_onnx):
     dataset = check_dataset(pair_root / "data" / "prepared" / "teacher")
     fitted, data = fit_teacher(dataset, tiny_params.teacher, torch.device("cpu"), progress=False)
     folder = tmp_path_factory.mktemp("onnx-teacher")
     example = data["test"].inputs[0][:4]
-    _export(_TwoOutputs(fitted.model), example, folder / "teacher.onnx")
-    _export(_TwoOutputs(fitted.model, squash=True), example, folder / "squashed.onnx")
-    _export(_TwoOutputs(fitted.model), example, folder / "renamed.onnx", ("emb", "logits"))
+    export_teacher_onnx(fitted.model, example, folder / "teacher.onnx")
+    export_teacher_onnx(fitted.model, example, folder / "squashed.onnx", squash=True)
+    export_teacher_onnx(fitted.model, example, folder / "renamed.onnx", ("emb", "logits"))
     accuracy = accuracy_of(fitted.model, data["test"])
     return {"dataset": dataset, "folder": folder, "accuracy": accuracy, "model": fitted.model}
 

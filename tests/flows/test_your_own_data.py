@@ -1,0 +1,131 @@
+"""The README's "Your own data" steps, exactly, on files this test makes: teacher images as
+arrays plus a teacher ONNX file, student speech as a folder of WAV files, then ``cmkd run`` in a
+scratch git repo and ``cmkd predict`` on a WAV file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from scipy.io import wavfile
+
+from cmkd_core.data import check_dataset
+from cmkd_core.distill.recipes import fit_teacher
+from tasks.dvc import stage_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ("low", "mid", "high")
+
+
+def _teacher_files(folder: Path) -> None:
+    """Teacher modality: 8x8 images, a bar whose row says the class, 20 per class."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(60):
+        c = i % 3
+        image = rng.normal(scale=0.2, size=(8, 8))
+        image[1 + 3 * c] += 1.0
+        images.append(image)
+        labels.append(CLASSES[c])
+    np.save(folder / "teacher.npy", np.array(images, np.float32))
+    pd.DataFrame({"label": labels}).to_csv(folder / "teacher.csv", index=False)
+
+
+def _student_files(folder: Path) -> None:
+    """Student modality: 60 WAV clips of three pitches (16 kHz, int16)."""
+    clips = folder / "clips"
+    clips.mkdir()
+    rows = []
+    for i in range(60):
+        c = i % 3
+        t = np.arange(int((0.25 + 0.005 * i) * 16000)) / 16000
+        noise = np.random.default_rng(i).normal(scale=0.05, size=t.shape)
+        audio = 0.5 * np.sin(2 * np.pi * (300, 700, 1500)[c] * t) + noise
+        wavfile.write(clips / f"clip{i:02d}.wav", 16000, (audio * 32767).astype(np.int16))
+        rows.append({"file": f"clip{i:02d}.wav", "label": CLASSES[c]})
+    pd.DataFrame(rows).to_csv(folder / "clips.csv", index=False)
+
+
+def _cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=stage_environment(api_url),
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_wav_folder_and_teacher_onnx_to_an_exported_student(
+    tmp_path, fsdd_wheel, prefect_harness, export_teacher_onnx, tiny_params
+):
+    from prefect.settings import PREFECT_API_URL
+
+    # A scratch copy of the committed project (as a fresh clone would be).
+    repo = tmp_path / "repo"
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in listed:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    (repo / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(fsdd_wheel, repo / "data" / "raw" / fsdd_wheel.name)
+    for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-qm", "scratch")):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+        )
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    _teacher_files(mine)
+    _student_files(mine)
+    api = PREFECT_API_URL.value()
+
+    # Step 1: import both modalities (README, "Your own data").
+    _cmkd(repo, "import", "arrays", str(mine / "teacher.npy"), str(mine / "teacher.csv"),
+          "data/import/teacher", "--name", "my-images", "--modality", "image")  # fmt: skip
+    _cmkd(repo, "import", "wav", str(mine / "clips"), str(mine / "clips.csv"),
+          "data/import/student", "--name", "my-speech", "--labelled-per-class", "4")  # fmt: skip
+
+    # The user's own teacher, trained elsewhere, exported with features and logits outputs.
+    teacher_ds = check_dataset(repo / "data" / "import" / "teacher")
+    fitted, data = fit_teacher(teacher_ds, tiny_params.teacher, torch.device("cpu"), False)
+    example = data["test"].inputs[0][:4]
+    export_teacher_onnx(fitted.model, example, mine / "my_teacher.onnx")
+
+    # Step 2: the teacher file; step 3: params.yaml; step 4: cmkd run.
+    shutil.copy(mine / "my_teacher.onnx", repo / "data" / "import" / "teacher.onnx")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["source"] = "import"
+    params["teacher"]["source"] = "onnx"
+    params["distill"].update({"model": "sequence_cnn", "epochs": 6, "batch_size": 16})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run = _cmkd(repo, "run", api_url=api)
+    assert "data/export/student.onnx" in run.stdout.splitlines()[-1]
+    card = json.loads((repo / "data" / "export" / "model_card.json").read_text())
+    assert card["classes"] == ["low", "mid", "high"]
+    assert card["front_end"]["kind"] == "audio" and card["teacher"]["source"] == "onnx"
+    metrics = json.loads((repo / "data" / "evaluate" / "metrics.json").read_text())
+    assert metrics["student"]["labelled_train"] == 12
+
+    # Step 5: predict a WAV file with the exported student.
+    done = _cmkd(
+        repo, "predict", "data/export/student.onnx", str(mine / "clips" / "clip00.wav"), "--json"
+    )
+    prediction = json.loads(done.stdout)[0]
+    assert prediction["class"] in CLASSES
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
