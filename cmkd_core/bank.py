@@ -146,3 +146,28 @@ def load_bank(path: str | Path) -> TeacherBank:
         )
     except BankError as exc:
         raise BankError(f"{path}: {exc}") from None
+
+
+def describe_bank(bank: TeacherBank) -> dict:
+    """What ``cmkd bank inspect`` prints: classes, rows per split and class, feature size, and
+    the teacher head's accuracy on the bank's own val rows."""
+    val = bank.split("val")
+    with torch.no_grad():
+        predicted = bank.head()(bank.features[val]).argmax(1)
+    counts = {
+        split: {
+            c: int(((bank.labels == i) & bank.split(split)).sum())
+            for i, c in enumerate(bank.classes)
+        }
+        for split in SPLITS
+    }
+    return {
+        "classes": list(bank.classes),
+        "rows": len(bank.labels),
+        "feature_dim": int(bank.features.shape[1]),
+        "counts": counts,
+        "val_accuracy": float((predicted == bank.labels[val]).float().mean())
+        if val.any()
+        else None,
+        "info": bank.info,
+    }

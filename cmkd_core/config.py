@@ -38,12 +38,20 @@ class DataParams(_Strict):
 class TeacherParams(_Strict):
     """Stage ``teacher``: the image CNN trained on the teacher modality, then the bank."""
 
-    source: Literal["train", "onnx"] = "train"
-    """``train``: train ``model`` here; ``onnx``: run the user's ONNX teacher ``onnx`` over the
-    teacher data (outputs ``feature_output`` and ``logits_output``) to make the bank."""
+    source: Literal["train", "onnx", "torch", "embeddings"] = "train"
+    """Where the bank comes from: ``train`` trains ``model`` here; ``onnx`` runs the user's ONNX
+    teacher (outputs ``feature_output`` and ``logits_output``); ``torch`` builds ``module``
+    (``package.module:Class`` with ``module_kwargs``, forward returning ``(features, logits)``)
+    and loads ``weights``; ``embeddings`` takes the user's ``(N, d)`` array and ``head``'s
+    ``weight``/``bias`` (see docs/data.md)."""
     onnx: str = "data/import/teacher.onnx"
     feature_output: str = "features"
     logits_output: str = "logits"
+    module: str = ""
+    module_kwargs: dict = Field(default_factory=dict)
+    weights: str = "data/import/teacher.safetensors"
+    embeddings: str = "data/import/teacher_embeddings.npy"
+    head: str = "data/import/teacher_head.safetensors"
     model: str = "image_cnn"
     feature_dim: int = Field(128, ge=2)
     epochs: int = Field(30, ge=1)

@@ -1,4 +1,5 @@
-"""Banks from teachers the pipeline did not train: an ONNX model run by onnxruntime.
+"""Banks from teachers the pipeline did not train: an ONNX model, a torch module named by
+import path, or embeddings the user already has plus the head's weights.
 
 The ONNX teacher takes the contract's inputs (``x``, and ``lengths`` for sequences) and gives
 two named outputs: the features that feed its final linear layer, and the logits. The bank
@@ -9,15 +10,98 @@ is not what feeds the head and the teacher is refused.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from safetensors.torch import load_file
 
 from cmkd_core.bank import BankError, TeacherBank
 from cmkd_core.data.contract import SPLITS, ModalityDataset
 from cmkd_core.data.tensors import samples_of
+
+
+def _bank_from_outputs(
+    where: str,
+    dataset: ModalityDataset,
+    features: np.ndarray,
+    logits: np.ndarray | None,
+    head: tuple[np.ndarray, np.ndarray] | None,
+    info: dict,
+    names: tuple[str, str] = ("features", "logits"),
+) -> tuple[TeacherBank, dict[str, float]]:
+    """The bank from per-sample teacher ``features (N, d)`` and either ``logits (N, C)`` (the
+    head is then recovered by least squares on the train rows) or the ``head`` weights."""
+    classes = dataset.meta.classes
+    if len(features) != len(dataset.manifest):
+        raise BankError(
+            f"{where}: {len(features)} feature rows for {len(dataset.manifest)} samples"
+        )
+    if not np.isfinite(features).all():
+        raise BankError(f"{where}: {names[0]!r} holds NaN or inf")
+    splits = np.array([SPLITS.index(s) for s in dataset.manifest["split"]])
+    if head is None:
+        if logits.shape[1] != len(classes):
+            raise BankError(
+                f"{where}: {names[1]!r} has {logits.shape[1]} classes, data {len(classes)}"
+            )
+        train = splits == SPLITS.index("train")
+        design = np.concatenate([features[train], np.ones((train.sum(), 1))], 1)
+        solution, *_ = np.linalg.lstsq(design, logits[train].astype(np.float64), rcond=None)
+        weight, bias = solution[:-1].T, solution[-1]
+        residual = float(np.abs(features @ weight.T + bias - logits).max())
+        scale = float(np.abs(logits).max()) or 1.0
+        if residual > 1e-3 * scale:
+            raise BankError(
+                f"{where}: {names[1]!r} is not a linear function of {names[0]!r} (max residual "
+                f"{residual:.3g} of logits up to {scale:.3g}); name the output that feeds the "
+                "final linear layer"
+            )
+        info = {**info, "head_fit_max_residual": residual}
+    else:
+        weight, bias = head
+        if weight.shape != (len(classes), features.shape[1]) or bias.shape != (len(classes),):
+            raise BankError(
+                f"{where}: head weight {weight.shape} and bias {bias.shape} do not fit "
+                f"{features.shape[1]}-d features and {len(classes)} classes "
+                f"(expected ({len(classes)}, {features.shape[1]}) and ({len(classes)},))"
+            )
+    labels = samples_labels(dataset)
+    predicted = (features @ weight.T + bias).argmax(1)
+    accuracy = {
+        split: float((predicted[splits == i] == labels[splits == i]).mean())
+        for i, split in enumerate(SPLITS)
+        if split in ("val", "test")
+    }
+    bank = TeacherBank(
+        features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
+        labels=torch.from_numpy(labels),
+        splits=torch.from_numpy(splits),
+        head_weight=torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
+        head_bias=torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)),
+        classes=tuple(classes),
+        info={
+            **info,
+            "dataset": dataset.meta.name,
+            "val_accuracy": accuracy["val"],
+            "test_accuracy": accuracy["test"],
+        },
+        ids=tuple(dataset.manifest["id"]),
+    )
+    return bank, accuracy
+
+
+def samples_labels(dataset: ModalityDataset) -> np.ndarray:
+    """Class indices ``(N,)`` of every sample, manifest order."""
+    return dataset.labels(dataset.manifest)
+
+
+def _batches(dataset: ModalityDataset, batch_size: int):
+    samples = samples_of(dataset, dataset.manifest)
+    for start in range(0, len(samples), batch_size):
+        yield samples.take(torch.arange(start, min(start + batch_size, len(samples))))[0]
 
 
 def bank_from_onnx(
@@ -42,53 +126,85 @@ def bank_from_onnx(
     expected = ["x", "lengths"] if dataset.meta.kind == "sequence" else ["x"]
     if inputs != expected:
         raise BankError(f"{path}: inputs {inputs}, expected {expected} for {dataset.meta.kind}")
-    samples = samples_of(dataset, dataset.manifest)
     features, logits = [], []
-    for start in range(0, len(samples), batch_size):
-        batch, _ = samples.take(torch.arange(start, min(start + batch_size, len(samples))))
+    for batch in _batches(dataset, batch_size):
         feed = {name: t.numpy() for name, t in zip(inputs, batch, strict=True)}
         f, z = session.run([feature_output, logits_output], feed)
-        features.append(np.asarray(f, np.float32).reshape(len(f), -1))
-        logits.append(np.asarray(z, np.float32))
-    f, z = np.concatenate(features), np.concatenate(logits)
-    classes = dataset.meta.classes
-    if z.shape[1] != len(classes):
-        raise BankError(f"{path}: {logits_output!r} has {z.shape[1]} classes, data {len(classes)}")
-    splits = np.array([SPLITS.index(s) for s in dataset.manifest["split"]])
-    train = splits == SPLITS.index("train")
-    design = np.concatenate([f[train], np.ones((train.sum(), 1), np.float32)], 1).astype(np.float64)
-    solution, *_ = np.linalg.lstsq(design, z[train].astype(np.float64), rcond=None)
-    weight, bias = solution[:-1].T, solution[-1]
-    residual = float(np.abs(f @ weight.T + bias - z).max())
-    scale = float(np.abs(z).max()) or 1.0
-    if residual > 1e-3 * scale:
-        raise BankError(
-            f"{path}: {logits_output!r} is not a linear function of {feature_output!r} (max "
-            f"residual {residual:.3g} of logits up to {scale:.3g}); name the output that feeds "
-            "the final linear layer"
-        )
-    labels = samples.labels.numpy()
-    accuracy = {
-        split: float((z[splits == i].argmax(1) == labels[splits == i]).mean())
-        for i, split in enumerate(SPLITS)
-        if split in ("val", "test")
-    }
-    info = {
-        "source": "onnx",
-        "file": path.name,
-        "dataset": dataset.meta.name,
-        "val_accuracy": accuracy["val"],
-        "test_accuracy": accuracy["test"],
-        "head_fit_max_residual": residual,
-    }
-    bank = TeacherBank(
-        features=torch.from_numpy(f),
-        labels=torch.from_numpy(labels),
-        splits=torch.from_numpy(splits),
-        head_weight=torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
-        head_bias=torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)),
-        classes=tuple(classes),
-        info=info,
-        ids=tuple(dataset.manifest["id"]),
+        features.append(np.asarray(f, np.float64).reshape(len(f), -1))
+        logits.append(np.asarray(z, np.float64))
+    info = {"source": "onnx", "file": path.name}
+    return _bank_from_outputs(
+        str(path),
+        dataset,
+        np.concatenate(features),
+        np.concatenate(logits),
+        None,
+        info,
+        (feature_output, logits_output),
     )
-    return bank, accuracy
+
+
+def bank_from_module(
+    target: str,
+    weights: str | Path,
+    dataset: ModalityDataset,
+    kwargs: dict | None = None,
+    batch_size: int = 256,
+) -> tuple[TeacherBank, dict[str, float]]:
+    """A torch teacher named ``package.module:Class`` (built with ``kwargs``), its weights from
+    ``weights`` (safetensors, or a checkpoint loaded with ``weights_only=True``); its forward
+    returns ``(features, logits)``."""
+    module_name, _, class_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise BankError(f"{target}: cannot import the teacher class: {exc}") from None
+    weights = Path(weights)
+    try:
+        if weights.suffix == ".safetensors":
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and torch raise their own types
+        raise BankError(f"{weights}: not loadable weights: {exc}") from None
+    model = cls(**(kwargs or {}))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BankError(f"{weights}: do not fit {target}: {exc}") from None
+    model.eval()
+    features, logits = [], []
+    with torch.no_grad():
+        for batch in _batches(dataset, batch_size):
+            out = model(*batch)
+            if not isinstance(out, tuple) or len(out) != 2:
+                raise BankError(f"{target}: forward must return (features, logits)")
+            features.append(out[0].double().reshape(len(out[0]), -1).numpy())
+            logits.append(out[1].double().numpy())
+    info = {"source": "torch", "module": target, "file": weights.name}
+    return _bank_from_outputs(
+        target, dataset, np.concatenate(features), np.concatenate(logits), None, info
+    )
+
+
+def bank_from_embeddings(
+    embeddings: str | Path, head: str | Path, dataset: ModalityDataset
+) -> tuple[TeacherBank, dict[str, float]]:
+    """Embeddings the user already has, ``(N, d)`` in manifest order (``.npy``), and the
+    teacher head's ``weight (C, d)`` and ``bias (C,)`` (safetensors)."""
+    embeddings, head = Path(embeddings), Path(head)
+    try:
+        features = np.load(embeddings, allow_pickle=False).astype(np.float64)
+    except Exception as exc:  # truncated, corrupt or pickled
+        raise BankError(f"{embeddings}: not a readable .npy array: {exc}") from None
+    if features.ndim != 2:
+        raise BankError(f"{embeddings}: shape {features.shape}, expected (samples, features)")
+    try:
+        tensors = load_file(str(head))
+        weight, bias = tensors["weight"].double().numpy(), tensors["bias"].double().numpy()
+    except KeyError as exc:
+        raise BankError(f"{head}: missing tensor {exc}; needs 'weight' and 'bias'") from None
+    except Exception as exc:
+        raise BankError(f"{head}: not a readable safetensors file: {exc}") from None
+    info = {"source": "embeddings", "file": embeddings.name, "head": head.name}
+    return _bank_from_outputs(str(embeddings), dataset, features, None, (weight, bias), info)

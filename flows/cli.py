@@ -4,6 +4,7 @@ cmkd run              the whole pipeline through DVC (stale stages only), then a
 cmkd stage NAME       one stage's flow in this process (what dvc.yaml runs)
 cmkd summary          print the summary of the last run
 cmkd bench            the method benchmark (table and JSON under bench/results)
+cmkd bank inspect     classes, counts, feature size and val accuracy of a teacher bank
 cmkd import FORMAT SRC LABELS OUT   a contract dataset from your arrays or WAV files
 cmkd predict M INPUT  classes of .npy (or .wav) inputs with an exported student (onnxruntime)
 cmkd serve M          an HTTP server for an exported student on 127.0.0.1
@@ -38,6 +39,26 @@ def summary_text(metrics: dict, onnx: str) -> str:
             f"  ONNX student: {onnx}",
         ]
     )
+
+
+def bank_text(facts: dict) -> str:
+    """``cmkd bank inspect`` for people: size, classes with rows per split, val accuracy."""
+    counts = facts["counts"]
+    lines = [
+        f"teacher bank: {facts['rows']} rows, {facts['feature_dim']}-d features, "
+        f"{len(facts['classes'])} classes",
+        f"  teacher head accuracy on the bank's val rows: {facts['val_accuracy']:.4f}"
+        if facts["val_accuracy"] is not None
+        else "  no val rows",
+        "  class       train    val   test",
+    ]
+    for c in facts["classes"]:
+        lines.append(
+            f"  {c:<10} {counts['train'][c]:>6} {counts['val'][c]:>6} {counts['test'][c]:>6}"
+        )
+    source = facts["info"].get("source", "trained by the pipeline")
+    lines.append(f"  source: {source}")
+    return "\n".join(lines)
 
 
 def _run_flow(function, **kwargs):
@@ -135,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     importer.add_argument("--features", choices=["mfcc", "logmel"], default="mfcc", help="wav")
     importer.add_argument("--n-mels", type=int, default=40, help="wav: mel filters")
     importer.add_argument("--n-mfcc", type=int, default=13, help="wav: MFCC coefficients")
+    bank = sub.add_parser("bank", help="look at a teacher bank")
+    bank.add_argument("action", choices=["inspect"])
+    bank.add_argument("path", nargs="?", help="default: data/teacher/bank.safetensors")
+    bank.add_argument("--json", action="store_true", help="print JSON")
     predict = sub.add_parser("predict", help="classify .npy inputs with an exported student")
     predict.add_argument("model", help="the student's .onnx file")
     predict.add_argument("input", help="a .npy file (one sample or a batch) or a folder of them")
@@ -149,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
     for p in (predict, serve):
         p.add_argument("--card", help="model card (default: model_card.json beside the model)")
-    for p in (run, stage, show, bench, importer):
+    for p in (run, stage, show, bench, importer, bank):
         p.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.command in ("predict", "serve"):
         return _deploy(args)  # onnxruntime only: no torch, Prefect or DVC imported
 
+    from cmkd_core.bank import BankError
     from cmkd_core.config import ParamsError
     from cmkd_core.data import DataContractError
     from tasks.layout import Layout
@@ -166,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             from flows.stages import STAGES
 
             _run_flow(STAGES[args.name], root=args.root)
+            return 0
+        if args.command == "bank":
+            from cmkd_core.bank import describe_bank, load_bank
+
+            facts = describe_bank(load_bank(args.path or layout.bank))
+            print(json.dumps(facts, indent=1) if args.json else bank_text(facts))
             return 0
         if args.command == "import":
             from cmkd_core.data.importers import import_arrays, import_wav
@@ -201,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads(layout.metrics.read_text())
         print(summary_text(metrics, str(layout.onnx)))
         return 0
-    except (DataContractError, ParamsError) as exc:
+    except (DataContractError, ParamsError, BankError) as exc:
         print(f"cmkd: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -13,7 +13,7 @@ from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.export import sha256_file
 from cmkd_core.models.checkpoint import save_classifier
-from cmkd_core.teachers import bank_from_onnx
+from cmkd_core.teachers import bank_from_embeddings, bank_from_module, bank_from_onnx
 from tasks.data import write_json
 from tasks.layout import Layout
 
@@ -23,8 +23,8 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     """Train the teacher, extract the bank, write weights, bank and metrics."""
     logger = get_run_logger()
     dataset = check_dataset(layout.teacher_data)
-    if params.source == "onnx":
-        return _onnx_teacher(layout, params, dataset)
+    if params.source != "train":
+        return _given_teacher(layout, params, dataset)
     device = resolve_device(params.device)
     fitted, data = fit_teacher(dataset, params, device)
     # Reported for information only; selection used val.
@@ -43,27 +43,37 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     return metrics
 
 
-def _onnx_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
-    """The bank from the user's ONNX teacher; ``teacher.safetensors`` then records the head
-    recovered from it and where it came from (there are no trained weights)."""
-    path = layout.root / params.onnx
-    bank, accuracy = bank_from_onnx(path, dataset, params.feature_output, params.logits_output)
+def _given_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
+    """The bank from a teacher the user brings (``teacher.source``); ``teacher.safetensors``
+    then records the head and where the teacher came from (there are no trained weights)."""
+    root = layout.root
+    if params.source == "onnx":
+        path = root / params.onnx
+        bank, accuracy = bank_from_onnx(path, dataset, params.feature_output, params.logits_output)
+    elif params.source == "torch":
+        path = root / params.weights
+        bank, accuracy = bank_from_module(params.module, path, dataset, params.module_kwargs)
+    else:
+        path = root / params.embeddings
+        bank, accuracy = bank_from_embeddings(path, root / params.head, dataset)
     metrics = {
         "val_accuracy": accuracy["val"],
         "test_accuracy": accuracy["test"],
-        "source": "onnx",
-        "onnx_sha256": sha256_file(path),
+        "source": params.source,
+        "sha256": sha256_file(path),
     }
     bank.info.update(metrics)
     with atomic_path(layout.teacher_weights) as tmp:
         save_file(
             {"head_weight": bank.head_weight, "head_bias": bank.head_bias},
             str(tmp),
-            metadata={"source": "onnx", "file": params.onnx, "sha256": metrics["onnx_sha256"]},
+            metadata={"source": params.source, "file": str(path), "sha256": metrics["sha256"]},
         )
     save_bank(bank, layout.bank)
     write_json(layout.teacher_metrics, metrics)
-    get_run_logger().info("ONNX teacher %s: val %.4f test %.4f", path, *accuracy.values())
+    get_run_logger().info(
+        "%s teacher %s: val %.4f test %.4f", params.source, path, *accuracy.values()
+    )
     return metrics
 
 
