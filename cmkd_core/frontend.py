@@ -1,4 +1,5 @@
-"""The audio front end: WAV file -> log-mel or MFCC frames, in numpy and scipy only.
+"""Front ends: WAV file -> log-mel or MFCC frames, image file -> grey-level array, in numpy,
+scipy and Pillow only.
 
 One implementation serves ``cmkd import wav`` and ``cmkd predict``/``cmkd serve`` (which must
 not need torch), and its settings travel in ``dataset.json`` and the model card, so a deployed
@@ -92,3 +93,49 @@ def read_wav(source: str | Path | bytes, name: str | None = None) -> tuple[np.nd
     if data.size == 0 or not np.isfinite(data).all():
         raise AudioError(f"{where}: empty or non-finite audio")
     return data, int(rate)
+
+
+IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
+@dataclass(frozen=True)
+class ImageFrontEnd:
+    """Converted to grey levels (``L``), resized to ``height`` x ``width`` (bilinear), scaled to
+    [0, 1]. Only the modes in :data:`IMAGE_MODES` are accepted."""
+
+    height: int = 28
+    width: int = 28
+
+    def to_json(self) -> dict:
+        return {"kind": "image", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ImageFrontEnd:
+        return cls(**{k: v for k, v in raw.items() if k != "kind"})
+
+    def __call__(self, source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+        """The image as float32 ``(height, width)`` in [0, 1]."""
+        from PIL import Image, UnidentifiedImageError
+
+        where = name or str(source if not isinstance(source, bytes) else "<bytes>")
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                if im.mode not in IMAGE_MODES:
+                    raise ImageError(
+                        f"{where}: image mode {im.mode!r}, expected one of {IMAGE_MODES}"
+                    )
+                grey = im.convert("L").resize((self.width, self.height), Image.BILINEAR)
+                return np.asarray(grey, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ImageError(f"{where}: not a readable image: {exc}") from None
+
+
+class ImageError(ValueError):
+    """An image file cannot be read or has a mode that is not accepted; names the file."""
+
+
+def front_end_from_json(raw: dict) -> AudioFrontEnd | ImageFrontEnd:
+    """The front end a ``dataset.json`` or model card records."""
+    return (
+        ImageFrontEnd.from_json(raw) if raw.get("kind") == "image" else AudioFrontEnd.from_json(raw)
+    )

@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh-teachers", action="store_true", help="retrain the teachers, ignoring the cache"
     )
     importer = sub.add_parser("import", help="write a contract dataset from your own arrays")
-    importer.add_argument("format", choices=["arrays", "wav"], help="what the input is")
+    importer.add_argument("format", choices=["arrays", "wav", "images"], help="the input")
     importer.add_argument(
-        "source", help="arrays: .npy (memory-mapped) or .npz; wav: a folder of WAV files"
+        "source", help="arrays: .npy (memory-mapped) or .npz; wav, images: a folder of files"
     )
     importer.add_argument(
-        "labels", help="CSV or parquet: label [, id, split, pair]; length (arrays), file (wav)"
+        "labels", help="CSV or parquet: label [, id, split, pair]; length (arrays); file"
     )
     importer.add_argument("out", help="the dataset folder to create (must not exist)")
     importer.add_argument("--name", required=True, help="dataset name")
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     importer.add_argument("--features", choices=["mfcc", "logmel"], default="mfcc", help="wav")
     importer.add_argument("--n-mels", type=int, default=40, help="wav: mel filters")
     importer.add_argument("--n-mfcc", type=int, default=13, help="wav: MFCC coefficients")
+    importer.add_argument("--height", type=int, default=28, help="images: resize to")
+    importer.add_argument("--width", type=int, default=28, help="images: resize to")
     bank = sub.add_parser("bank", help="look at a teacher bank")
     bank.add_argument("action", choices=["inspect"])
     bank.add_argument("path", nargs="?", help="default: data/teacher/bank.safetensors")
@@ -200,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(facts, indent=1) if args.json else bank_text(facts))
             return 0
         if args.command == "import":
-            from cmkd_core.data.importers import import_arrays, import_wav
-            from cmkd_core.frontend import AudioFrontEnd
+            from cmkd_core.data.importers import import_arrays, import_images, import_wav
+            from cmkd_core.frontend import AudioFrontEnd, ImageFrontEnd
 
             common = {
                 "name": args.name,
@@ -213,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.format == "wav":
                 front_end = AudioFrontEnd(args.sample_rate, args.features, args.n_mels, args.n_mfcc)
                 out = import_wav(args.source, args.labels, args.out, front_end=front_end, **common)
+            elif args.format == "images":
+                front_end = ImageFrontEnd(args.height, args.width)
+                out = import_images(
+                    args.source, args.labels, args.out, front_end=front_end, **common
+                )
             else:
                 out = import_arrays(
                     args.source, args.labels, args.out, modality=args.modality, **common

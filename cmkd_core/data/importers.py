@@ -27,7 +27,7 @@ import pandas as pd
 from cmkd_core.data.contract import DataContractError, DatasetMeta, Problem, write_dataset
 from cmkd_core.data.defaults import labelled_subset, stratified_splits
 from cmkd_core.data.validate import check_dataset
-from cmkd_core.frontend import AudioError, AudioFrontEnd, read_wav
+from cmkd_core.frontend import AudioError, AudioFrontEnd, ImageError, ImageFrontEnd, read_wav
 
 SAMPLES = "samples.npy"
 
@@ -250,6 +250,60 @@ def import_wav(
             labelled_per_class=labelled_per_class,
             extra={"front_end": front_end.to_json()},
             source=f"{folder} (WAV, {front_end.features})",
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def import_images(
+    folder: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    *,
+    name: str,
+    front_end: ImageFrontEnd,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    labelled_per_class: int | None = None,
+) -> Path:
+    """Run ``front_end`` over the images of ``folder`` named in the ``file`` column of
+    ``labels`` and write a fixed-size dataset ``out`` (samples ``(height, width)``) whose
+    ``dataset.json`` records the front end. Images are read one at a time."""
+    folder, labels, out = Path(folder), Path(labels), Path(out)
+    _refuse_existing(out)
+    table = read_table(labels)
+    if "file" not in table.columns:
+        raise _fail(labels, "file", "-", "required", f"columns are {list(table.columns)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.img.", dir=out.parent))
+    try:
+        shape = (len(table), front_end.height, front_end.width)
+        images = np.lib.format.open_memmap(staging / "images.npy", "w+", np.float32, shape)
+        for row, file in enumerate(table["file"]):
+            path = folder / file
+            if not path.is_file():
+                raise _fail(labels, "file", row, "exists", f"{path}: no such file")
+            try:
+                images[row] = front_end(path)
+            except ImageError as exc:
+                raise _fail(path, "-", row, "image", str(exc)) from None
+        images.flush()
+        del images
+        table.drop(columns="file").to_csv(staging / "labels.csv", index=False)
+        out = import_arrays(
+            staging / "images.npy",
+            staging / "labels.csv",
+            out,
+            name=name,
+            modality="image",
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            labelled_per_class=labelled_per_class,
+            extra={"front_end": front_end.to_json()},
+            source=f"{folder} (images)",
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

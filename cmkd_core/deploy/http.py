@@ -110,7 +110,7 @@ def create_app(student: OnnxStudent, limits: Limits, max_body_bytes: int = 8 << 
             if kind == "application/json":
                 samples = _json_samples(body)
             elif kind == WAV:
-                samples = [student.wav_features(body, "body")]
+                samples = [student.media_input(body, "body")]
             else:
                 samples = _binary_samples(body, kind, student)
             predictions = student.predict(samples, limits)

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cmkd_core.frontend import AudioError, AudioFrontEnd, read_wav
+from cmkd_core.frontend import (
+    AudioError,
+    ImageError,
+    ImageFrontEnd,
+    front_end_from_json,
+    read_wav,
+)
+
+MEDIA = (".wav", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class InputError(ValueError):
@@ -171,17 +179,21 @@ class OnnxStudent:
             for p in probs
         ]
 
-    def wav_features(self, data: bytes, where: str) -> np.ndarray:
-        """The model's input frames for a WAV file, through the front end its card records."""
+    def media_input(self, data: bytes, where: str) -> np.ndarray:
+        """The model's input for a WAV or image file, through the front end its card records
+        (the one its training data were imported with)."""
         spec = self.card.get("front_end")
         if not spec:
             raise InputError(
-                f"{where}: this model's card records no audio front end (its data were not "
-                "imported from WAV); pass the model's input arrays as .npy files"
+                f"{where}: this model's card records no audio front end or image front end "
+                "(its data were not imported from files); pass its input arrays as .npy files"
             )
+        front_end = front_end_from_json(spec)
         try:
-            return AudioFrontEnd.from_json(spec)(*read_wav(data, where))
-        except AudioError as exc:
+            if isinstance(front_end, ImageFrontEnd):
+                return front_end(data, where)
+            return front_end(*read_wav(data, where))
+        except (AudioError, ImageError) as exc:
             raise InputError(str(exc)) from None
 
     def split_batch(self, array: np.ndarray, where: str) -> list[np.ndarray]:
@@ -203,17 +215,17 @@ def read_inputs(path: str | Path, student: OnnxStudent) -> list[tuple[str, np.nd
     folder, sorted. A ``.wav`` needs the audio front end recorded in the model card."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npy", ".wav"))
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npy", *MEDIA))
         if not files:
-            raise InputError(f"{path}: no .npy or .wav files in this folder")
+            raise InputError(f"{path}: no .npy, audio or image files in this folder")
     elif path.is_file():
         files = [path]
     else:
         raise InputError(f"{path}: no such file or folder")
     out: list[tuple[str, np.ndarray]] = []
     for file in files:
-        if file.suffix.lower() == ".wav":
-            out.append((str(file), student.wav_features(file.read_bytes(), str(file))))
+        if file.suffix.lower() in MEDIA:
+            out.append((str(file), student.media_input(file.read_bytes(), str(file))))
             continue
         if file.suffix.lower() != ".npy":
             raise InputError(f"{file}: expected a .npy array")

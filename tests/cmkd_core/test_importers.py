@@ -236,3 +236,45 @@ def test_bad_wav_files_are_named_and_leave_nothing(tmp_path, wav_folder):
             front_end=AudioFrontEnd(),
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clips", "labels.csv"]
+
+
+def test_image_folder_becomes_grey_arrays_and_wrong_modes_are_refused(tmp_path):
+    from PIL import Image
+
+    from cmkd_core.data.importers import import_images
+    from cmkd_core.frontend import ImageFrontEnd, front_end_from_json
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    modes = ["L", "RGB", "RGBA", "P"]
+    for i in range(24):
+        pixels = np.zeros((40, 30), np.uint8)
+        pixels[:, (i % 3) * 10 : (i % 3) * 10 + 10] = 255  # a bar whose place is the class
+        image = Image.fromarray(pixels).convert(modes[i % 4])
+        image.save(folder / f"im{i:02d}.png")
+        rows.append({"file": f"im{i:02d}.png", "label": f"bar{i % 3}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    front = ImageFrontEnd(height=12, width=9)
+    ds = check_dataset(
+        import_images(
+            folder, tmp_path / "labels.csv", tmp_path / "ds", name="bars", front_end=front
+        )
+    )
+    assert ds.meta.sample_shape == (12, 9) and ds.meta.extra["front_end"] == front.to_json()
+    x = ds.fixed_arrays(ds.manifest)
+    assert x.min() >= 0 and x.max() <= 1
+    assert np.allclose(x[0][:, :2], 1, atol=0.05) and np.allclose(x[0][:, 5:], 0, atol=0.05)
+    assert front_end_from_json(front.to_json()) == front
+
+    Image.new("CMYK", (30, 40)).save(folder / "im05.jpg")
+    rows[5]["file"] = "im05.jpg"
+    (folder / "im06.png").write_bytes(b"\x89PNG broken")
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataContractError, match=r"im05.jpg column=- row=5 check=image: .*'CMYK'"):
+        import_images(folder, tmp_path / "labels.csv", tmp_path / "b", name="b", front_end=front)
+    rows[5]["file"] = "im04.png"
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataContractError, match=r"im06.png column=- row=6 check=image: .*readable"):
+        import_images(folder, tmp_path / "labels.csv", tmp_path / "b", name="b", front_end=front)
+    assert not (tmp_path / "b").exists()
