@@ -52,6 +52,6 @@ def test_sequence_encoder_output_does_not_depend_on_padding():
 
 
 def test_unknown_model_lists_the_valid_ones():
-    with pytest.raises(KeyError, match="image_cnn, sequence_cnn"):
+    with pytest.raises(KeyError, match="image_cnn, mlp, sequence_cnn"):
         create_model("transformer_xl")
     assert {"image_cnn", "sequence_cnn"} <= set(list_models())
