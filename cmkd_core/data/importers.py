@@ -190,6 +190,21 @@ def import_arrays(
     return out
 
 
+def _files_of(folder: Path, labels: Path, out: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """The labels table and the path of each row's ``file`` (all checked to exist) for the
+    converters that read one file per sample."""
+    _refuse_existing(out)
+    table = read_table(labels)
+    if "file" not in table.columns:
+        raise _fail(labels, "file", "-", "required", f"columns are {list(table.columns)}")
+    paths = [folder / file for file in table["file"]]
+    for row, path in enumerate(paths):
+        if not path.is_file():
+            raise _fail(labels, "file", row, "exists", f"{path}: no such file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return table, paths
+
+
 def import_wav(
     folder: str | Path,
     labels: str | Path,
@@ -207,19 +222,12 @@ def import_wav(
     end. Clips are read one at a time and their frames appended to disk, so memory holds one
     clip; the frames file is then written as ``.npy`` in chunks."""
     folder, labels, out = Path(folder), Path(labels), Path(out)
-    _refuse_existing(out)
-    table = read_table(labels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if "file" not in table.columns:
-        raise _fail(labels, "file", "-", "required", f"columns are {list(table.columns)}")
+    table, paths = _files_of(folder, labels, out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.wav.", dir=out.parent))
     try:
         raw, lengths = staging / "frames.f32", []
         with raw.open("wb") as sink:
-            for row, file in enumerate(table["file"]):
-                path = folder / file
-                if not path.is_file():
-                    raise _fail(labels, "file", row, "exists", f"{path}: no such file")
+            for row, path in enumerate(paths):
                 try:
                     frames = front_end(*read_wav(path))
                 except AudioError as exc:
@@ -272,19 +280,12 @@ def import_images(
     ``labels`` and write a fixed-size dataset ``out`` (samples ``(height, width)``) whose
     ``dataset.json`` records the front end. Images are read one at a time."""
     folder, labels, out = Path(folder), Path(labels), Path(out)
-    _refuse_existing(out)
-    table = read_table(labels)
-    if "file" not in table.columns:
-        raise _fail(labels, "file", "-", "required", f"columns are {list(table.columns)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    table, paths = _files_of(folder, labels, out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.img.", dir=out.parent))
     try:
         shape = (len(table), front_end.height, front_end.width)
         images = np.lib.format.open_memmap(staging / "images.npy", "w+", np.float32, shape)
-        for row, file in enumerate(table["file"]):
-            path = folder / file
-            if not path.is_file():
-                raise _fail(labels, "file", row, "exists", f"{path}: no such file")
+        for row, path in enumerate(paths):
             try:
                 images[row] = front_end(path)
             except ImageError as exc:
