@@ -101,7 +101,9 @@ def gpu_busy(model, method, batches, optimizer, scheduler, params) -> float:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for batch in batches:
-            train_step(model, lambda b: method(model, b), batch, optimizer, scheduler, 5.0)
+            train_step(
+                model, lambda b: method(model, b), batch, optimizer, scheduler, params.grad_clip
+            )
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     kernel_us = sum(

@@ -217,24 +217,21 @@ def test_bad_wav_files_are_named_and_leave_nothing(tmp_path, wav_folder):
     from cmkd_core.data.importers import import_wav
     from cmkd_core.frontend import AudioFrontEnd
 
+    def run():
+        return import_wav(
+            wav_folder,
+            tmp_path / "labels.csv",
+            tmp_path / "ds",
+            name="t",
+            front_end=AudioFrontEnd(),
+        )
+
     (wav_folder / "c05.wav").write_bytes(b"RIFF....WAVEfmt garbage")
     with pytest.raises(DataContractError, match=r"c05.wav column=- row=5 check=wav"):
-        import_wav(
-            wav_folder,
-            tmp_path / "labels.csv",
-            tmp_path / "ds",
-            name="t",
-            front_end=AudioFrontEnd(),
-        )
+        run()
     (wav_folder / "c05.wav").unlink()
     with pytest.raises(DataContractError, match=r"labels.csv column=file row=5 check=exists"):
-        import_wav(
-            wav_folder,
-            tmp_path / "labels.csv",
-            tmp_path / "ds",
-            name="t",
-            front_end=AudioFrontEnd(),
-        )
+        run()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clips", "labels.csv"]
 
 
