@@ -9,9 +9,10 @@
   ``(N,)``: the same, for data that fit in memory.
 
 The table needs ``label``; ``id``, ``split`` (train/val/test) and ``pair`` (the id of the paired
-sample of the other modality) are optional. A ``.npy`` is read memory-mapped and copied in
-chunks of ``chunk`` samples, so the arrays need not fit in memory. The folder is written under a
-staging name, validated, then renamed: a failure leaves nothing under ``out``.
+sample of the other modality) are optional. A ``.npy`` is read and copied in chunks of at most
+``chunk`` samples and 16 MB, so the arrays need not fit in memory (``bench/stream.py`` shows the
+peak staying flat for 10x the data). The folder is written under a staging name, validated,
+then renamed: a failure leaves nothing under ``out``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import pandas as pd
 
 from cmkd_core.data.contract import DataContractError, DatasetMeta, Problem, write_dataset
 from cmkd_core.data.defaults import labelled_subset, stratified_splits
+from cmkd_core.data.npyio import NpyRows, NpyWriter
 from cmkd_core.data.validate import check_dataset
 from cmkd_core.frontend import AudioError, AudioFrontEnd, ImageError, ImageFrontEnd, read_wav
 
 SAMPLES = "samples.npy"
+CHUNK_BYTES = 1 << 24
 
 
 def _fail(file: Path, column: str, row: object, check: str, detail: str) -> DataContractError:
@@ -80,7 +83,7 @@ def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
                     raise _fail(arrays, "lengths", int(bad[0]), "range", f"1..{x.shape[1]}")
                 x = np.concatenate([x[i, :n] for i, n in enumerate(lengths)])
         else:
-            x = np.load(arrays, mmap_mode="r", allow_pickle=False)
+            x = NpyRows(arrays)  # read a chunk at a time, never whole
             lengths = table["length"].to_numpy() if "length" in table.columns else None
     except DataContractError:
         raise
@@ -91,13 +94,17 @@ def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
     if lengths is None:
         if len(x) != len(table):
             raise _fail(labels, "-", len(x), "rows", f"{len(table)} rows for {len(x)} samples")
-        return "fixed", tuple(x.shape[1:]), None, lambda i, j: x[i:j]
+        return "fixed", tuple(x.shape[1:]), None, _reader(x)
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) != len(table) or (lengths < 1).any() or lengths.sum() != len(x):
         raise _fail(
             labels, "length", "-", "frames", f"lengths sum to {lengths.sum()}, {len(x)} frames"
         )
-    return "sequence", tuple(x.shape[1:]), lengths, lambda i, j: x[i:j]
+    return "sequence", tuple(x.shape[1:]), lengths, _reader(x)
+
+
+def _reader(x: np.ndarray | NpyRows):
+    return x.read if isinstance(x, NpyRows) else lambda i, j: x[i:j]
 
 
 def import_arrays(
@@ -165,19 +172,19 @@ def import_arrays(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         rows = int(counts.sum())
-        target = np.lib.format.open_memmap(staging / SAMPLES, "w+", np.float32, (rows, *shape))
         step = chunk if lengths is None else chunk * max(1, int(np.median(lengths)))
-        for start in range(0, rows, step):
-            block = np.asarray(read(start, start + step), dtype=np.float32)
-            bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]
-            if len(bad):
-                row = start + int(bad[0])  # a sample, or a frame of sample ``sample``
-                sample = np.searchsorted(np.cumsum(counts), row, "right")
-                where = row if lengths is None else f"{sample} (frame {row})"
-                raise _fail(arrays, "-", where, "finite", "NaN or inf values")
-            target[start : start + len(block)] = block
-        target.flush()
-        del target
+        row_bytes = 4 * int(np.prod(shape, dtype=np.int64))
+        step = max(1, min(step, CHUNK_BYTES // max(1, row_bytes)))  # a block of <= 16 MB
+        with NpyWriter(staging / SAMPLES, np.float32, (rows, *shape)) as target:
+            for start in range(0, rows, step):
+                block = np.asarray(read(start, start + step), dtype=np.float32)
+                bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]
+                if len(bad):
+                    row = start + int(bad[0])  # a sample, or a frame of sample ``sample``
+                    sample = np.searchsorted(np.cumsum(counts), row, "right")
+                    where = row if lengths is None else f"{sample} (frame {row})"
+                    raise _fail(arrays, "-", where, "finite", "NaN or inf values")
+                target.write(block)
         write_dataset(staging, meta, manifest, {}, labelled)
         try:
             check_dataset(staging)
@@ -237,12 +244,9 @@ def import_wav(
         width = front_end.num_features
         total = sum(lengths)
         frames_npy = staging / "frames.npy"
-        target = np.lib.format.open_memmap(frames_npy, "w+", np.float32, (total, width))
-        source = np.memmap(raw, np.float32, "r", shape=(total, width))
-        for start in range(0, total, 1 << 16):
-            target[start : start + (1 << 16)] = source[start : start + (1 << 16)]
-        target.flush()
-        del target, source
+        with NpyWriter(frames_npy, np.float32, (total, width)) as target, raw.open("rb") as src:
+            for _start in range(0, total, 1 << 16):
+                target.write(np.fromfile(src, np.float32, (1 << 16) * width).reshape(-1, width))
         raw.unlink()
         table = table.drop(columns="file").assign(length=lengths)
         table.to_csv(staging / "labels.csv", index=False)
@@ -284,14 +288,12 @@ def import_images(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.img.", dir=out.parent))
     try:
         shape = (len(table), front_end.height, front_end.width)
-        images = np.lib.format.open_memmap(staging / "images.npy", "w+", np.float32, shape)
-        for row, path in enumerate(paths):
-            try:
-                images[row] = front_end(path)
-            except ImageError as exc:
-                raise _fail(path, "-", row, "image", str(exc)) from None
-        images.flush()
-        del images
+        with NpyWriter(staging / "images.npy", np.float32, shape) as images:
+            for row, path in enumerate(paths):
+                try:
+                    images.write(front_end(path)[None])
+                except ImageError as exc:
+                    raise _fail(path, "-", row, "image", str(exc)) from None
         table.drop(columns="file").to_csv(staging / "labels.csv", index=False)
         out = import_arrays(
             staging / "images.npy",

@@ -29,6 +29,7 @@ from cmkd_core.data.contract import (
     read_manifest,
     safe_member,
 )
+from cmkd_core.data.npyio import NpyRows
 
 
 class ManifestSchema(pa.DataFrameModel):
@@ -134,7 +135,7 @@ def _array_problems(ds: ModalityDataset, where: str) -> list[Problem]:
             problems.append(
                 Problem(where, "offset", f"{a},{b}", "disjoint_rows", "samples share array rows")
             )
-        finite = np.isfinite(np.asarray(array)).reshape(len(array), -1).all(axis=1)
+        finite = _finite_rows(safe_member(ds.root, name), len(array))  # type: ignore[arg-type]
         if not finite.all():
             bad_rows = set(np.nonzero(~finite)[0].tolist())
             for row, off, length in zip(sub.index, sub["offset"], sub["length"], strict=True):
@@ -143,6 +144,17 @@ def _array_problems(ds: ModalityDataset, where: str) -> list[Problem]:
                         Problem(str(ds.root / name), "-", str(row), "finite", "NaN or inf values")
                     )
     return problems
+
+
+def _finite_rows(path: Path, rows: int, chunk_bytes: int = 1 << 24) -> np.ndarray:
+    """Boolean ``(rows,)``: whether each row of the ``.npy`` at ``path`` is all finite, read a
+    chunk of about ``chunk_bytes`` at a time (so a file larger than memory can be checked)."""
+    source = NpyRows(path)
+    step = max(1, chunk_bytes // max(1, source.row_items * source.dtype.itemsize))
+    finite = np.empty(rows, dtype=bool)
+    for start, block in source.chunks(step):
+        finite[start : start + len(block)] = np.isfinite(block.reshape(len(block), -1)).all(1)
+    return finite
 
 
 def _coverage_problems(ds: ModalityDataset, where: str, splits: Sequence[str]) -> list[Problem]:
