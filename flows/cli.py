@@ -6,6 +6,7 @@ cmkd summary          print the summary of the last run
 cmkd bench            the method benchmark (table and JSON under bench/results)
 cmkd bank inspect     classes, counts, feature size and val accuracy of a teacher bank
 cmkd import FORMAT SRC LABELS OUT   a contract dataset from your arrays or WAV files
+cmkd import-layout KIND SRC OUT   teacher + student datasets from CREMA-D, AVE, VGGSound, RAVDESS
 cmkd predict M INPUT  classes of .npy (or .wav) inputs with an exported student (onnxruntime)
 cmkd serve M          an HTTP server for an exported student on 127.0.0.1
 """
@@ -152,12 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     importer.add_argument(
         "--labelled-per-class", type=int, help="student side: write labelled.csv with this many"
     )
-    importer.add_argument("--sample-rate", type=int, default=16000, help="wav: resample to")
-    importer.add_argument("--features", choices=["mfcc", "logmel"], default="mfcc", help="wav")
-    importer.add_argument("--n-mels", type=int, default=40, help="wav: mel filters")
-    importer.add_argument("--n-mfcc", type=int, default=13, help="wav: MFCC coefficients")
-    importer.add_argument("--height", type=int, default=28, help="images: resize to")
-    importer.add_argument("--width", type=int, default=28, help="images: resize to")
+    layout_parser = sub.add_parser(
+        "import-layout", help="teacher and student datasets from a paper benchmark's layout"
+    )
+    layout_parser.add_argument("kind", choices=["cremad", "ave", "vggsound", "ravdess"])
+    layout_parser.add_argument("source", help="the layout's root folder (docs/data.md)")
+    layout_parser.add_argument("out", help="writes OUT/teacher and OUT/student (e.g. data/import)")
+    layout_parser.add_argument("--teacher", choices=["visual", "audio"], default="visual")
+    layout_parser.add_argument("--frames", type=int, default=1, help="frames per clip")
+    layout_parser.add_argument("--val-fraction", type=float, default=0.1, help="if no val split")
+    layout_parser.add_argument("--seed", type=int, default=0)
+    layout_parser.add_argument("--labelled-per-class", type=int, help="student's labelled budget")
+    for p in (importer, layout_parser):
+        p.add_argument("--sample-rate", type=int, default=16000, help="wav: resample to")
+        p.add_argument("--features", choices=["mfcc", "logmel"], default="mfcc", help="wav")
+        p.add_argument("--n-mels", type=int, default=40, help="wav: mel filters")
+        p.add_argument("--n-mfcc", type=int, default=13, help="wav: MFCC coefficients")
+        p.add_argument("--height", type=int, default=28, help="images: resize to")
+        p.add_argument("--width", type=int, default=28, help="images: resize to")
     bank = sub.add_parser("bank", help="look at a teacher bank")
     bank.add_argument("action", choices=["inspect"])
     bank.add_argument("path", nargs="?", help="default: data/teacher/bank.safetensors")
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
     for p in (predict, serve):
         p.add_argument("--card", help="model card (default: model_card.json beside the model)")
-    for p in (run, stage, show, bench, importer, bank):
+    for p in (run, stage, show, bench, importer, layout_parser, bank):
         p.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -226,6 +239,26 @@ def main(argv: list[str] | None = None) -> int:
                 )
             samples = len((out / "manifest.csv").read_text().splitlines()) - 1
             print(f"cmkd: wrote {out} ({samples} samples)")
+            return 0
+        if args.command == "import-layout":
+            from cmkd_core.data.layouts import import_layout
+            from cmkd_core.frontend import AudioFrontEnd, ImageFrontEnd
+
+            written = import_layout(
+                args.kind,
+                args.source,
+                args.out,
+                audio=AudioFrontEnd(args.sample_rate, args.features, args.n_mels, args.n_mfcc),
+                image=ImageFrontEnd(args.height, args.width),
+                teacher=args.teacher,
+                frames=args.frames,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                labelled_per_class=args.labelled_per_class,
+            )
+            for role, path in written.items():
+                samples = len((path / "manifest.csv").read_text().splitlines()) - 1
+                print(f"cmkd: wrote {role} {path} ({samples} samples)")
             return 0
         if args.command == "bench":
             from flows.bench import run_benchmark
