@@ -6,6 +6,7 @@ standardised with train-split statistics only, selection is on the val split.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,13 +103,15 @@ def fit_student(
     method: str,
     device: torch.device,
     progress: bool = True,
+    trainer: Callable[..., TrainResult] = train_classifier,
 ) -> tuple[Fitted, dict[str, Samples]]:
     """Train a student with ``method`` on the labelled train samples, selected on val.
 
     The student's class indices follow the bank's class list. ``params.pairing`` chooses
     class-matched (unpaired) or instance-paired teacher rows; ``params.robustness`` thins the
     bank and perturbs the training inputs (train split only); ``params.unlabelled`` adds the
-    unlabelled train samples to feature alignment.
+    unlabelled train samples to feature alignment. ``trainer`` runs the training (the
+    data-parallel one: :func:`cmkd_core.distill.ddp.train_classifier_ddp`).
     """
     data = split_samples(dataset, bank.classes, device, labelled_only=True)
     if params.pairing == "paired":
@@ -142,7 +145,7 @@ def fit_student(
         progress,
         params.unlabelled_batch_size,
     )
-    result = train_classifier(
+    result = trainer(
         model,
         create_method(method, params, bank),
         data["train"],
