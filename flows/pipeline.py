@@ -1,14 +1,30 @@
-"""The whole chain as one flow: DVC decides what is stale, stage by stage."""
+"""The whole chain as one flow: DVC decides what is stale, stage by stage.
+
+The flow is what ``cmkd run`` and the scheduled deployment (``prefect.yaml``) run:
+
+1. ``dvc pull`` from the default remote (a local folder unless configured otherwise), so a
+   fresh machine starts from the artifacts of earlier runs;
+2. ``dvc status``: when nothing is stale, the run stops here, having changed nothing;
+3. ``dvc repro --single-item`` for each stage in order (DVC skips the unchanged ones);
+4. ``dvc push`` of the new artifacts;
+5. a run record, ``.cmkd/runs/<time>-<flow run name>.json``: what was stale, what ran, what
+   DVC restored from its run cache, whether it pushed, the ``dvc.lock`` digest (``dvc.lock``
+   itself is DVC's record of how each output was made).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 from pathlib import Path
 
-from prefect import flow, get_client
+from prefect import flow, get_client, get_run_logger
+from prefect.runtime import flow_run
 
+from cmkd_core.data import write_text_atomic
 from flows.stages import STAGES
-from tasks.dvc import reproduce_stage
+from tasks.dvc import pull, push, reproduce_stage, stale_stages
 from tasks.layout import Layout
 
 
@@ -19,15 +35,46 @@ def _api_url() -> str | None:
         return str(client.api_url)
 
 
+def _record(root: Path, record: dict) -> Path:
+    """Write the run record under ``root/.cmkd/runs`` (atomically) and return its path."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = root / ".cmkd" / "runs" / f"{stamp}-{record['flow_run']}.json"
+    write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return path
+
+
 @flow(name="pipeline")
 def pipeline(root: str = ".") -> dict:
-    """Reproduce every stage of ``dvc.yaml`` in order; an unchanged stage is skipped by DVC.
+    """Pull, reproduce every stale stage of ``dvc.yaml`` in order, push, record the run.
 
-    Returns the evaluation metrics and where the ONNX student is.
+    Returns the evaluation metrics, where the ONNX student is, which stages were stale and
+    which ran (``nothing_to_do`` when none was), and the run record's path.
     """
     root_path = Path(root).resolve()
-    api_url = _api_url()
-    for stage in STAGES:
-        reproduce_stage(stage, root_path, api_url)
+    logger = get_run_logger()
+    run = {"name": str(flow_run.name or "local"), "id": str(flow_run.id or "")}
+    record: dict = {"flow_run": run["name"], "flow_run_id": run["id"]}
+    record["pulled"] = pull(root_path)
+    stale = stale_stages(root_path)
+    record["stale"], record["ran"], record["restored"] = stale, [], []
+    if stale:
+        api_url = _api_url()
+        for stage in STAGES:
+            outcome = reproduce_stage(stage, root_path, api_url, run)
+            if outcome != "skipped":
+                record[outcome].append(stage)
+        record["pushed"] = push(root_path)
+    else:
+        logger.info("nothing to do: every stage is up to date")
+        record["pushed"] = False
+    lock = root_path / "dvc.lock"
+    record["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+    record["nothing_to_do"] = not stale
     layout = Layout(root_path)
-    return {"metrics": json.loads(layout.metrics.read_text()), "onnx": str(layout.onnx)}
+    result = {
+        "metrics": json.loads(layout.metrics.read_text()),
+        "onnx": str(layout.onnx),
+        **{k: record[k] for k in ("stale", "ran", "restored", "nothing_to_do")},
+    }
+    result["record"] = str(_record(root_path, record))
+    return result

@@ -1,7 +1,12 @@
-"""Task of the ``pipeline`` flow: let DVC decide what is stale and reproduce one stage."""
+"""Tasks of the ``pipeline`` flow: DVC pulls, says what is stale, reproduces, pushes.
+
+Each is a Prefect task with its own log (DVC's output goes to the task's run logger) and
+retries where a retry can help: pulling and pushing touch the remote; a stage is retried once.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,26 +17,113 @@ from prefect.cache_policies import NONE
 
 
 class StageFailedError(RuntimeError):
-    """``dvc repro`` of a stage exited non-zero."""
+    """``dvc repro`` of a stage, or a DVC command around it, exited non-zero."""
 
 
-def stage_environment(api_url: str | None) -> dict[str, str]:
+def stage_environment(api_url: str | None, run: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for DVC and the stage commands it runs: this interpreter's ``bin`` first
-    on PATH (so ``cmkd`` resolves) and, if given, the Prefect API the stage flows report to."""
+    on PATH (so ``cmkd`` resolves), the Prefect API the stage flows report to, if given, and
+    the name and id of the pipeline's flow run (``CMKD_RUN_NAME``, ``CMKD_RUN_ID``), which the
+    export stage writes into the model card."""
     env = os.environ.copy()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if api_url:
         env["PREFECT_API_URL"] = api_url
+    for key, value in (run or {}).items():
+        env[f"CMKD_RUN_{key.upper()}"] = value
     return env
 
 
-@task(name="dvc-repro", cache_policy=NONE)
-def reproduce_stage(stage: str, root: Path, api_url: str | None) -> None:
-    """Run ``dvc repro --single-item STAGE`` in ``root``; DVC skips it when nothing changed."""
-    get_run_logger().info("dvc repro %s", stage)
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    done = subprocess.run(command, cwd=root, env=stage_environment(api_url), check=False)
+def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``dvc ARGS`` in ``root`` with this interpreter; each line of its output goes to the
+    task's log as it comes (of a progress bar redrawn with carriage returns, the last state).
+    Returns the exit status and the output."""
+    logger = get_run_logger()
+    lines = []
+    with subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        env=env or stage_environment(None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.rstrip("\n").split("\r")[-1]
+            lines.append(line)
+            if line.strip():
+                logger.info("%s", line)
+    return process.returncode, "\n".join(lines)
+
+
+def default_remote(root: Path) -> str | None:
+    """The DVC remote ``core.remote`` names in ``root``'s config, or ``None``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "config", "core.remote"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or None
+
+
+@task(name="dvc-pull", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def pull(root: Path) -> bool:
+    """Fetch what the remote has for this revision into the cache and the workspace (missing
+    outputs are allowed: the first run has pushed nothing yet). ``False`` without a remote."""
+    if default_remote(root) is None:
+        get_run_logger().info("no default DVC remote: nothing to pull")
+        return False
+    status, _ = _dvc(root, "pull", "--allow-missing")
+    if status != 0:
+        raise StageFailedError(f"`dvc pull` exited {status} in {root}")
+    return True
+
+
+@task(name="dvc-status", cache_policy=NONE)
+def stale_stages(root: Path) -> list[str]:
+    """The stages whose own dependencies, parameters or outputs changed (``dvc status``);
+    empty when the workspace matches ``dvc.lock``: nothing to do."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
-        raise StageFailedError(
-            f"stage {stage!r} failed: `dvc repro {stage}` exited {done.returncode}"
-        )
+        raise StageFailedError(f"`dvc status` exited {done.returncode} in {root}: {done.stderr}")
+    report = json.loads(done.stdout or "{}")
+    get_run_logger().info("stale: %s", ", ".join(sorted(report)) or "nothing")
+    return sorted(name.split(":")[-1] for name in report)
+
+
+@task(name="dvc-repro", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def reproduce_stage(
+    stage: str, root: Path, api_url: str | None, run: dict[str, str] | None = None
+) -> str:
+    """Run ``dvc repro --single-item STAGE`` in ``root``. Returns ``"ran"``, ``"restored"``
+    (DVC's run cache had the outputs of these very inputs and checked them out) or
+    ``"skipped"`` (unchanged)."""
+    get_run_logger().info("dvc repro %s", stage)
+    env = stage_environment(api_url, run)
+    status, output = _dvc(root, "repro", "--single-item", stage, env=env)
+    if status != 0:
+        raise StageFailedError(f"stage {stage!r} failed: `dvc repro {stage}` exited {status}")
+    if f"Running stage '{stage}'" in output:
+        return "ran"
+    return "restored" if "is cached - skipping run" in output else "skipped"
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def push(root: Path) -> bool:
+    """Upload the cached outputs to the default remote; ``False`` without one."""
+    if default_remote(root) is None:
+        get_run_logger().info("no default DVC remote: nothing to push")
+        return False
+    status, _ = _dvc(root, "push")
+    if status != 0:
+        raise StageFailedError(f"`dvc push` exited {status} in {root}")
+    return True

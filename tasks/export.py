@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import os
 
 import onnx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
 
 from cmkd_core.config import Params
 from cmkd_core.data import check_dataset
@@ -141,6 +144,12 @@ def export_student(layout: Layout, params: Params) -> dict:
         "teacher": info.get("teacher", {}),
         "params_sha256": _sha256_json(params.model_dump(mode="json")),
         "data_sha256": _sha256_json({k: report[k]["sha256"] for k in ("teacher", "student")}),
+        "run": {  # the pipeline run that exported it (flows/pipeline.py sets CMKD_RUN_*)
+            "pipeline_flow_run": os.environ.get("CMKD_RUN_NAME"),
+            "pipeline_flow_run_id": os.environ.get("CMKD_RUN_ID"),
+            "export_flow_run": flow_run.name,
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
     }
     write_json(layout.model_card, card)
     get_run_logger().info("exported %s (max |diff| %.2g)", layout.onnx, parity.max_abs_diff)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Prefect reads its settings at import: isolate its home before anything imports it.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cmkd-prefect-home-")
@@ -20,6 +23,41 @@ from cmkd_core.data.defaults import audio_dataset, image_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL = ROOT / DataParams().fsdd_wheel
+
+
+# The budget of the pipeline runs in scratch repos: a few epochs of each model.
+TINY = {
+    "teacher": {"epochs": 3, "feature_dim": 32, "warmup_epochs": 1},
+    "distill": {"epochs": 8, "batch_size": 32, "warmup_epochs": 1},
+}
+
+
+def git(repo: Path, *args: str) -> None:
+    """``git ARGS`` in ``repo`` as a throwaway identity; output captured, failure raised."""
+    identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", *identity, *args], cwd=repo, check=True, capture_output=True)
+
+
+def make_scratch_repo(repo: Path, wheel: Path, budget: dict | None = None) -> Path:
+    """A fresh git repo at ``repo`` holding the committed project (as a fresh clone would),
+    the FSDD wheel in ``data/raw`` and, if given, ``budget`` merged into ``params.yaml``."""
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    (repo / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(wheel, repo / "data" / "raw" / wheel.name)
+    if budget:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        for section, values in budget.items():
+            params[section].update(values)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-qm", "scratch")):
+        git(repo, *args)
+    return repo
 
 
 @pytest.fixture(scope="session")

@@ -13,44 +13,21 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
+from conftest import TINY, make_scratch_repo
 
 from cmkd_core.data.contract import read_dataset
 from cmkd_core.data.tensors import samples_of
 from cmkd_core.export import onnx_logits
+from flows.stages import STAGES
 from tasks.dvc import stage_environment
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = {
-    "teacher": {"epochs": 3, "feature_dim": 32, "warmup_epochs": 1},
-    "distill": {"epochs": 8, "batch_size": 32, "warmup_epochs": 1},
-}
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def scratch_repo(tmp_path_factory, fsdd_wheel) -> Path:
     """A copy of the committed project in a fresh git repo, with a tiny budget in params.yaml."""
-    repo = tmp_path_factory.mktemp("repo")
-    listed = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in listed:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    (repo / "data" / "raw").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(fsdd_wheel, repo / "data" / "raw" / fsdd_wheel.name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "scratch")
-    return repo
+    return make_scratch_repo(tmp_path_factory.mktemp("repo"), fsdd_wheel, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +169,78 @@ def test_int8_model_is_kept_within_its_threshold_and_refused_past_it(pipeline_ru
     again = _python(scratch_repo, "dvc", "repro", api_url=_api_url())
     assert again.returncode == 0, again.stdout + again.stderr
     assert json.loads((export / "model_card.json").read_text())["int8"] == int8
+
+
+def _card(repo: Path) -> dict:
+    return json.loads((repo / "data" / "export" / "model_card.json").read_text())
+
+
+def test_changed_input_retrains_pushes_and_the_card_names_the_run(pipeline_run, scratch_repo):
+    from flows.pipeline import pipeline
+
+    first = json.loads(Path(pipeline_run["record"]).read_text())
+    assert first["ran"] == list(STAGES) and first["pulled"] and first["pushed"]
+    remote = scratch_repo / ".cmkd" / "dvc-remote"
+    assert len([p for p in remote.rglob("*") if p.is_file()]) > 5
+    params_file = scratch_repo / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["distill"]["seed"] = 1
+    params_file.write_text(yaml.safe_dump(params))
+    try:
+        changed = pipeline(root=str(scratch_repo))
+        assert "distill" in changed["stale"] and "teacher" not in changed["stale"]
+        assert not changed["nothing_to_do"]
+        assert changed["ran"] == ["distill", "evaluate", "export"]
+        record = json.loads(Path(changed["record"]).read_text())
+        assert record["pushed"] and record["flow_run"] != first["flow_run"]
+        run = _card(scratch_repo)["run"]
+        assert run["pipeline_flow_run"] == record["flow_run"]
+        assert run["pipeline_flow_run_id"] == record["flow_run_id"]
+    finally:
+        params["distill"]["seed"] = 0
+        params_file.write_text(yaml.safe_dump(params))
+    back = pipeline(root=str(scratch_repo))  # seed 0 again: DVC's run cache has its outputs
+    assert "distill" in back["restored"] and "distill" not in back["ran"]
+    assert back["metrics"] == pipeline_run["metrics"]
+
+
+def test_a_run_with_nothing_new_changes_nothing(pipeline_run, scratch_repo):
+    from flows.pipeline import pipeline
+
+    def state() -> tuple:
+        onnx = scratch_repo / "data" / "export" / "student.onnx"
+        lock = scratch_repo / "dvc.lock"
+        return onnx.stat().st_mtime_ns, lock.read_bytes(), _card(scratch_repo)
+
+    before = state()
+    again = pipeline(root=str(scratch_repo))
+    assert again["nothing_to_do"] and again["stale"] == [] and again["ran"] == []
+    assert state() == before
+    assert json.loads(Path(again["record"]).read_text())["pushed"] is False
+
+
+def test_dvc_remote_round_trip_restores_the_artifacts(pipeline_run, scratch_repo):
+    cached = ["data/distill", "data/export", "data/teacher/bank.safetensors", ".dvc/cache"]
+    onnx = scratch_repo / "data" / "export" / "student.onnx"
+    onnx_bytes = onnx.read_bytes()
+    for name in cached:
+        path = scratch_repo / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert "deleted" in _python(scratch_repo, "dvc", "status").stdout
+    done = _python(scratch_repo, "dvc", "pull")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert onnx.read_bytes() == onnx_bytes
+    assert "up to date" in _python(scratch_repo, "dvc", "status").stdout
+
+
+def test_dvc_experiment_over_a_seed(pipeline_run, scratch_repo):
+    done = _python(scratch_repo, "dvc", "exp", "run", "-S", "distill.seed=2", "-n", "seed2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Running stage 'distill'" in done.stdout
+    assert "Running stage 'teacher'" not in done.stdout
+    shown = _python(scratch_repo, "dvc", "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert '"seed2"' in shown.stdout and '"seed": 2' in shown.stdout
 
 
 def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratch_repo):

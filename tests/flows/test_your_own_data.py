@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import make_scratch_repo
 from scipy.io import wavfile
 
 from cmkd_core.data import check_dataset
@@ -72,23 +73,7 @@ def test_wav_folder_and_teacher_onnx_to_an_exported_student(
 ):
     from prefect.settings import PREFECT_API_URL
 
-    # A scratch copy of the committed project (as a fresh clone would be).
-    repo = tmp_path / "repo"
-    listed = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in listed:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    (repo / "data" / "raw").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(fsdd_wheel, repo / "data" / "raw" / fsdd_wheel.name)
-    for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-qm", "scratch")):
-        subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-            cwd=repo,
-            check=True,
-            capture_output=True,
-        )
+    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel)  # as a fresh clone would be
     mine = tmp_path / "mine"
     mine.mkdir()
     _teacher_files(mine)
