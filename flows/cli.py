@@ -9,6 +9,10 @@ cmkd import FORMAT SRC LABELS OUT   a contract dataset from your arrays or WAV f
 cmkd import-layout KIND SRC OUT   teacher + student datasets from CREMA-D, AVE, VGGSound, RAVDESS
 cmkd predict M INPUT  classes of .npy (or .wav) inputs with an exported student (onnxruntime)
 cmkd serve M          an HTTP server for an exported student on 127.0.0.1
+cmkd seeds            several seeds of the distill stage at once on a Dask cluster
+cmkd server           a local Prefect server (SQLite in .cmkd/prefect) on 127.0.0.1:4200
+cmkd deploy           the work pool and the nightly deployment of prefect.yaml (--serve: one
+                      process instead); cmkd worker: a process worker that runs it here
 """
 
 from __future__ import annotations
@@ -187,14 +191,32 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-length", type=int, default=4096, help="frames per sequence")
     serve.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body size")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
+    seeds = sub.add_parser("seeds", help="several seeds of the distill stage on a Dask cluster")
+    seeds.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    seeds.add_argument("--methods", nargs="+", default=[], help="default: distill.method and ce")
+    seeds.add_argument("--workers", type=int, default=2, help="local cluster: processes")
+    seeds.add_argument("--address", help="an existing Dask scheduler, e.g. tcp://host:8786")
+    server = sub.add_parser("server", help="a local Prefect server (foreground)")
+    deployer = sub.add_parser("deploy", help="the work pool and the nightly deployment")
+    deployer.add_argument(
+        "--serve", action="store_true", help="serve the deployment in this process instead"
+    )
+    worker = sub.add_parser("worker", help="a process worker for the deployment (foreground)")
+    for p in (server, deployer, worker):
+        p.add_argument("--port", type=int, default=4200, help="the server's port on 127.0.0.1")
     for p in (predict, serve):
         p.add_argument("--card", help="model card (default: model_card.json beside the model)")
-    for p in (run, stage, show, bench, importer, layout_parser, bank):
+    roots = (run, stage, show, bench, importer, layout_parser, bank, seeds, server, deployer)
+    for p in (*roots, worker):
         p.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.command in ("predict", "serve"):
         return _deploy(args)  # onnxruntime only: no torch, Prefect or DVC imported
+    if args.command in ("server", "deploy", "worker"):
+        from flows.deploy import command
+
+        return command(args.command, Path(args.root), args.port, getattr(args, "serve", False))
 
     from cmkd_core.bank import BankError
     from cmkd_core.config import ParamsError
@@ -260,6 +282,16 @@ def main(argv: list[str] | None = None) -> int:
                 samples = len((path / "manifest.csv").read_text().splitlines()) - 1
                 print(f"cmkd: wrote {role} {path} ({samples} samples)")
             return 0
+        if args.command == "seeds":
+            from flows.seeds import run_on_dask
+
+            result = run_on_dask(args.root, args.seeds, args.methods, args.workers, args.address)
+            for method, row in result["summary"].items():
+                print(
+                    f"{method:>14}  test accuracy {100 * row['mean']:.2f} +- "
+                    f"{100 * row['std']:.2f} over seeds {row['seeds']}"
+                )
+            return 0
         if args.command == "bench":
             from flows.bench import run_benchmark
 
@@ -268,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import pipeline
 
             result = _run_flow(pipeline, root=args.root)
+            if result["nothing_to_do"]:
+                print("cmkd: nothing to do, every stage is up to date; the last results:")
             print(summary_text(result["metrics"], result["onnx"]))
             return 0
         metrics = json.loads(layout.metrics.read_text())
