@@ -331,6 +331,10 @@ def command(action: str, root: Path, port: int, serve_here: bool = False) -> int
     root = Path(root).resolve()
     env = local_env(root, port)
     os.chdir(root)
+    # A background job of a script starts with SIGINT ignored, and an ignored signal stays
+    # ignored across exec; Prefect's worker answers SIGTERM by sending itself SIGINT, so it
+    # would never stop. Restore the default before becoming the server or worker.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if action == "server":  # becomes the server process: a signal to it stops the server
         command = _prefect("server", "start", "--host", HOST, "--port", str(port))
         os.execve(sys.executable, [*command, "--analytics-off", "--no-ui"], env)
