@@ -73,6 +73,9 @@ class OTParams(_Strict):
     label_cost: float = Field(0.0, ge=0)
     """Extra cost for transporting between different classes (0: the authors' batch-level FA;
     large: class-conditional OT). See cmkd_core.align.feature.feature_alignment."""
+    solver: Literal["torch", "pot"] = "torch"
+    """Sinkhorn implementation: torch (cmkd_core.align.sinkhorn, the fastest correct one
+    measured by bench/distill.py --solvers) or pot (POT's ot.solve); the same result."""
 
 
 class DistillParams(_Strict):

@@ -118,3 +118,44 @@ def test_label_cost_makes_the_plan_class_conditional():
     plain = feature_alignment(x, y, reg=0.1)
     conditional = feature_alignment(x, y, reg=0.1, labels=(labels, labels), label_cost=10.0)
     assert conditional > plain  # the class constraint can only make transport dearer
+
+
+@pytest.mark.parametrize("reg", [0.5, 0.1, 0.05, 0.01, 0.005])  # kernel form down to 0.05
+@pytest.mark.parametrize("cost", ["cosine", "sqeuclidean"])
+def test_torch_sinkhorn_equals_pot_in_value_and_gradient(reg, cost):
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(48, 16, generator=gen)
+    grads, values = {}, {}  # of the same student features, one solver each
+    for solver in ("torch", "pot"):
+        x = (torch.randn(40, 16, generator=gen.manual_seed(4)) + 0.3).requires_grad_()
+        values[solver] = feature_alignment(x, y, cost, reg, 100, solver=solver)
+        (grads[solver],) = torch.autograd.grad(values[solver], x)
+    # Same updates in the same order (unconverged at small reg after 100 iterations, too).
+    assert float(values["torch"]) == pytest.approx(float(values["pot"]), abs=1e-5)
+    assert torch.isfinite(grads["torch"]).all()
+    torch.testing.assert_close(grads["torch"], grads["pot"], atol=1e-5, rtol=1e-3)
+
+
+def test_torch_sinkhorn_matches_a_float64_reference_and_stops_early():
+    from cmkd_core.align.sinkhorn import sinkhorn_log
+
+    gen = torch.Generator().manual_seed(5)
+    m = torch.rand(7, 9, generator=gen)
+    for reg in (0.2, 0.02):  # the kernel form, then the log form
+        result = sinkhorn_log(m, reg, max_iter=5000, tol=1e-6)
+        assert float(result.value) == pytest.approx(_sinkhorn_reference(m.double().numpy(), reg))
+        assert result.iterations < 5000  # converged: the tolerance stopped it
+        torch.testing.assert_close(result.plan.sum(1), torch.full((7,), 1 / 7), atol=1e-6, rtol=0)
+        torch.testing.assert_close(result.plan.sum(0), torch.full((9,), 1 / 9), atol=1e-6, rtol=0)
+    assert sinkhorn_log(m, 0.02, max_iter=3).iterations == 3
+
+
+def test_torch_sinkhorn_refuses_bad_input():
+    from cmkd_core.align.sinkhorn import sinkhorn_log
+
+    with pytest.raises(ValueError, match="cost matrix must be"):
+        sinkhorn_log(torch.zeros(0, 3), 0.1)
+    with pytest.raises(ValueError, match="reg must be positive"):
+        sinkhorn_log(torch.zeros(2, 3), 0.0)
+    with pytest.raises(ValueError, match="unknown OT solver"):
+        feature_alignment(torch.randn(3, 2), torch.randn(3, 2), solver="scipy")  # type: ignore[arg-type]

@@ -83,6 +83,7 @@ class Method(nn.Module):
             ot.num_iter,
             pair_labels,
             ot.label_cost,
+            ot.solver,
         )
 
     def forward(self, model: Classifier, batch: Batch) -> dict[str, torch.Tensor]:
