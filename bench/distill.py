@@ -1,6 +1,9 @@
 """Cost of one distillation step against one CE-only step, by batch size, on CPU or CUDA.
 
     python bench/distill.py [--device cpu|cuda] [--batches 64 256 1024] [--steps 20]
+    python bench/distill.py --solvers      # OT solvers side by side on the same batches
+    python bench/distill.py --teachers     # the bank against a teacher forward per batch
+    python bench/distill.py --scaling      # batch 64..4096 and feature size: time, memory
 
 The data is the embedded default (spoken-digit MFCCs as the student, the digits teacher's bank,
 from the benchmark's bank cache or trained once). Each batch of B is drawn with replacement from
@@ -10,6 +13,9 @@ clipping, AdamW, schedule), the device synchronised after each. Reports the medi
 the joint/CE ratio measured in the same run, the time to build a batch (the loading share),
 peak device memory, and on CUDA the share of the step the GPU is busy (kernel time over wall
 time, from the profiler). Prints a table and writes ``distill-DEVICE.json`` and ``.md``.
+
+The other sections (``bench/distill_sections.py``) write ``distill-solvers``,
+``distill-teachers`` and ``distill-scaling`` ``.json``/``.md`` the same way.
 """
 
 from __future__ import annotations
@@ -112,17 +118,11 @@ def gpu_busy(model, method, batches, optimizer, scheduler, params) -> float:
     return kernel_us / 1e6 / wall
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[64, 256, 1024])
-    parser.add_argument("--methods", nargs="+", default=["ce", "joint"])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+def setup(device: str):
+    """The default params (distill on ``device``), the digits->fsdd pair and the teacher's bank
+    (from the benchmark's cache, or trained once and cached)."""
     params = load_params(ROOT / "params.yaml")
-    distill = params.distill.model_copy(update={"device": args.device})
+    distill = params.distill.model_copy(update={"device": device})
     teacher_ds, student = load_pair("digits->fsdd", ROOT / params.data.fsdd_wheel)
     teacher = params.teacher.model_copy(update={"device": "cpu"})
     cache, key = FileBankCache(ROOT / ".cmkd" / "bench" / "banks"), teacher_key(teacher_ds, teacher)
@@ -130,6 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     bank = hit[0] if hit is not None else build_bank(teacher_ds, teacher)[0]
     if hit is None:
         cache.put(key, "digits", bank)
+    return distill, teacher_ds, student, bank
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 256, 1024])
+    parser.add_argument("--methods", nargs="+", default=["ce", "joint"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--solvers", action="store_true", help="OT solvers side by side")
+    parser.add_argument("--teachers", action="store_true", help="bank vs teacher forward")
+    parser.add_argument("--scaling", action="store_true", help="batch and feature size")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.solvers or args.teachers or args.scaling:
+        import distill_sections
+
+        return distill_sections.run(args, device)
+    distill, _, student, bank = setup(args.device)
     rows = []
     for size in args.batches:
         base = None
