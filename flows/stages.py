@@ -11,7 +11,7 @@ from tasks.data import copy_imported_pair, materialise_default_pair, validate_pa
 from tasks.evaluate import evaluate_students, methods_of
 from tasks.export import export_student
 from tasks.layout import Layout
-from tasks.train import distill_student, train_teacher
+from tasks.train import clear_checkpoints, distill_student, train_teacher
 
 
 @flow(name="prepare")
@@ -35,7 +35,9 @@ def validate(root: str = ".") -> dict:
 def teacher(root: str = ".") -> dict:
     """Train the teacher on its modality and extract the bank (params: ``teacher``)."""
     layout = Layout(Path(root))
-    return train_teacher(layout, load_params(layout.params).teacher)
+    result = train_teacher(layout, load_params(layout.params).teacher)
+    clear_checkpoints(layout, "teacher")
+    return result
 
 
 @flow(name="distill")
@@ -43,7 +45,9 @@ def distill(root: str = ".") -> dict:
     """Train the distilled student and the CE-only baseline (params: ``distill``)."""
     layout = Layout(Path(root))
     params = load_params(layout.params).distill
-    return {m: distill_student(layout, params, m) for m in methods_of(params.method)}
+    result = {m: distill_student(layout, params, m) for m in methods_of(params.method)}
+    clear_checkpoints(layout, "distill")
+    return result
 
 
 @flow(name="evaluate")

@@ -73,3 +73,8 @@ class Layout:
     @property
     def model_card(self) -> Path:
         return self.root / "data" / "export" / "model_card.json"
+
+    def checkpoint(self, name: str) -> Path:
+        """The resume checkpoint of a training run (not a DVC output: DVC deletes a stage's
+        outputs before it runs the stage again)."""
+        return self.root / ".cmkd" / "checkpoints" / f"{name}.pt"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from safetensors.torch import save_file
@@ -18,6 +21,27 @@ from tasks.data import write_json
 from tasks.layout import Layout
 
 
+def _checkpoint(layout: Layout, name: str, params: TeacherParams | DistillParams) -> tuple:
+    """Where the run ``name`` checkpoints, and its key: the stage's parameters and the data's
+    digests, so that a checkpoint of other settings or data is never resumed from."""
+    report = json.loads(layout.validation_report.read_text())
+    identity = {
+        "run": name,
+        "params": params.model_dump(mode="json"),
+        "data": {role: report[role]["sha256"] for role in ("teacher", "student")},
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return str(layout.checkpoint(name)), key
+
+
+def clear_checkpoints(layout: Layout, stage: str) -> None:
+    """Delete the stage's resume checkpoints once all its outputs are written. Until then a
+    finished method's checkpoint stays, so a stage killed later resumes it at its last epoch
+    (DVC deletes the stage's outputs before running it again)."""
+    for path in layout.checkpoint(stage).parent.glob(f"{stage}*.pt"):
+        path.unlink(missing_ok=True)
+
+
 @task(name="train-teacher", cache_policy=NONE)
 def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     """Train the teacher, extract the bank, write weights, bank and metrics."""
@@ -26,7 +50,8 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     if params.source != "train":
         return _given_teacher(layout, params, dataset)
     device = resolve_device(params.device)
-    fitted, data = fit_teacher(dataset, params, device)
+    checkpoint = _checkpoint(layout, "teacher", params)
+    fitted, data = fit_teacher(dataset, params, device, checkpoint=checkpoint)
     # Reported for information only; selection used val.
     metrics = {
         "best_epoch": fitted.result.best_epoch,
@@ -83,7 +108,8 @@ def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
     device = resolve_device(params.device)
     bank = load_bank(layout.bank)
     dataset = check_dataset(layout.student_data, classes=bank.classes)
-    fitted, _ = fit_student(dataset, bank, params, method, device)
+    checkpoint = _checkpoint(layout, f"distill-{method}", params)
+    fitted, _ = fit_student(dataset, bank, params, method, device, checkpoint=checkpoint)
     summary = {
         "method": method,
         "best_epoch": fitted.result.best_epoch,

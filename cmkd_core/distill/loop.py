@@ -57,8 +57,10 @@ class BestCheckpoint(Callback):
 class ProgressBar(Callback):
     """One tqdm bar that advances once per epoch and shows the loss and validation accuracy."""
 
-    def __init__(self, total: int, desc: str, disable: bool = False):
-        self.bar = tqdm(total=total, desc=desc, unit="epoch", disable=disable, leave=True)
+    def __init__(self, total: int, desc: str, disable: bool = False, initial: int = 0):
+        self.bar = tqdm(
+            total=total, desc=desc, unit="epoch", disable=disable, leave=True, initial=initial
+        )
 
     def on_epoch_end(self, record: dict[str, float], model: nn.Module) -> None:
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", val_acc=f"{record['val_accuracy']:.3f}")
@@ -112,15 +114,18 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     grad_clip: float | None = None,
     callbacks: Sequence[Callback] = (),
+    start_epoch: int = 1,
+    history: Sequence[dict[str, float]] = (),
 ) -> list[dict[str, float]]:
     """Train ``model`` and return one record per epoch.
 
     ``step(batch)`` returns named scalar loss terms including ``"loss"``, the one optimised;
     ``batches(epoch)`` yields the epoch's batches; ``validate()`` runs with the model in eval
-    mode under ``no_grad`` and returns metrics such as ``val_accuracy``.
+    mode under ``no_grad`` and returns metrics such as ``val_accuracy``. A resumed run starts
+    at ``start_epoch`` with the records of the epochs before it in ``history``.
     """
-    history: list[dict[str, float]] = []
-    for epoch in range(1, epochs + 1):
+    history = list(history)
+    for epoch in range(start_epoch, epochs + 1):
         model.train()
         sums: dict[str, torch.Tensor] = {}
         count = 0

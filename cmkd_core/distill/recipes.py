@@ -67,10 +67,22 @@ def student_spec(dataset: ModalityDataset, bank: TeacherBank, params: DistillPar
     }
 
 
+def _checkpoint_settings(checkpoint: tuple[str, str] | None) -> dict:
+    if checkpoint is None:
+        return {}
+    return {"checkpoint": str(checkpoint[0]), "checkpoint_key": checkpoint[1]}
+
+
 def fit_teacher(
-    dataset: ModalityDataset, params: TeacherParams, device: torch.device, progress: bool = True
+    dataset: ModalityDataset,
+    params: TeacherParams,
+    device: torch.device,
+    progress: bool = True,
+    checkpoint: tuple[str, str] | None = None,
 ) -> tuple[Fitted, dict[str, Samples]]:
-    """Train the teacher with cross-entropy on its train split, selected on val."""
+    """Train the teacher with cross-entropy on its train split, selected on val.
+    ``checkpoint`` = ``(path, key)`` saves the training state each epoch and resumes from it
+    (:mod:`cmkd_core.distill.resume`)."""
     classes = dataset.meta.classes
     data = split_samples(dataset, classes, device)
     spec = {
@@ -90,6 +102,7 @@ def fit_teacher(
         params.seed,
         None,
         progress,
+        **_checkpoint_settings(checkpoint),
     )
     model = new_model(spec, data["train"], device, params.seed)
     result = train_classifier(model, method, data["train"], data["val"], settings, desc="teacher")
@@ -104,6 +117,7 @@ def fit_student(
     device: torch.device,
     progress: bool = True,
     trainer: Callable[..., TrainResult] = train_classifier,
+    checkpoint: tuple[str, str] | None = None,
 ) -> tuple[Fitted, dict[str, Samples]]:
     """Train a student with ``method`` on the labelled train samples, selected on val.
 
@@ -111,7 +125,8 @@ def fit_student(
     class-matched (unpaired) or instance-paired teacher rows; ``params.robustness`` thins the
     bank and perturbs the training inputs (train split only); ``params.unlabelled`` adds the
     unlabelled train samples to feature alignment. ``trainer`` runs the training (the
-    data-parallel one: :func:`cmkd_core.distill.ddp.train_classifier_ddp`).
+    data-parallel one: :func:`cmkd_core.distill.ddp.train_classifier_ddp`); ``checkpoint``
+    as for :func:`fit_teacher`.
     """
     data = split_samples(dataset, bank.classes, device, labelled_only=True)
     if params.pairing == "paired":
@@ -144,6 +159,7 @@ def fit_student(
         params.grad_clip,
         progress,
         params.unlabelled_batch_size,
+        **_checkpoint_settings(checkpoint),
     )
     result = trainer(
         model,

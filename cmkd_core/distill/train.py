@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,8 +14,9 @@ from cmkd_core.bank import TeacherBank
 from cmkd_core.data.contract import SPLITS, ModalityDataset
 from cmkd_core.data.samplers import ClassMatchedSampler, epoch_batches
 from cmkd_core.data.tensors import Samples, samples_of
-from cmkd_core.distill.loop import BestCheckpoint, ProgressBar, fit, warmup_cosine
+from cmkd_core.distill.loop import BestCheckpoint, Callback, ProgressBar, fit, warmup_cosine
 from cmkd_core.distill.methods import Batch, Method, MethodError
+from cmkd_core.distill.resume import ResumeCheckpoint
 from cmkd_core.models import Classifier
 
 
@@ -49,6 +50,10 @@ class TrainSettings:
     grad_clip: float | None = None
     progress: bool = True
     unlabelled_batch_size: int = 64
+    checkpoint: str | None = None
+    """Where to save the training state each epoch and resume from (None: no checkpoints)."""
+    checkpoint_key: str = ""
+    """Identifies the run's settings and data; a checkpoint with another key is not resumed."""
 
 
 @dataclass
@@ -102,6 +107,7 @@ def train_classifier(
     unlabelled: Samples | None = None,
     augment: Augment | None = None,
     desc: str = "train",
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train ``model`` on ``train`` with ``method``, select on ``val`` accuracy.
 
@@ -109,7 +115,8 @@ def train_classifier(
     the bank's train split (``pairing="unpaired"``) or each sample's own pair (``"paired"``,
     needs ``train.pair_index``). The teacher itself never runs. With ``unlabelled`` samples,
     each batch also carries unlabelled student inputs and bank rows drawn in the bank's class
-    proportions. ``augment`` transforms the labelled training inputs of each batch. The model
+    proportions. ``augment`` transforms the labelled training inputs of each batch;
+    ``callbacks`` run after each epoch, after the built-in ones. The model
     ends at the weights of its best validation epoch; tensors must be on the model's device.
     """
     device = next(model.parameters()).device
@@ -166,7 +173,23 @@ def train_classifier(
         warmup_cosine(settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch),
     )
     best = BestCheckpoint("val_accuracy")
-    callbacks = [best, ProgressBar(settings.epochs, desc, disable=not settings.progress)]
+    extra_callbacks, callbacks = callbacks, [best]
+    start, done = 1, []
+    if settings.checkpoint is not None:
+        resume = ResumeCheckpoint(
+            settings.checkpoint,
+            settings.checkpoint_key,
+            model=model,
+            method=method,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=generator,
+            best=best,
+        )
+        start, done = resume.restore()
+        callbacks.append(resume)
+    bar = ProgressBar(settings.epochs, desc, disable=not settings.progress, initial=start - 1)
+    callbacks += [bar, *extra_callbacks]  # after the checkpoint: they see a saved epoch
     history = fit(
         model,
         lambda batch: method(model, batch),
@@ -177,6 +200,8 @@ def train_classifier(
         scheduler=scheduler,
         grad_clip=settings.grad_clip,
         callbacks=callbacks,
+        start_epoch=start,
+        history=done,
     )
     return TrainResult(history, best.best_epoch, best.best_value)
 
