@@ -7,7 +7,8 @@ stage in ``dvc.yaml`` declares the section(s) it uses.
 
 from __future__ import annotations
 
-from pathlib import Path
+import posixpath
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
@@ -125,6 +126,25 @@ class ExportParams(_Strict):
     int8_max_drop: float = 0.5  # refuse the int8 model if it loses more test accuracy (points)
 
 
+PATH_KEYS = (
+    ("data", "import_dir"),
+    ("data", "fsdd_wheel"),
+    ("teacher", "onnx"),
+    ("teacher", "weights"),
+    ("teacher", "embeddings"),
+    ("teacher", "head"),
+)
+
+
+def _inside_data(value: str) -> bool:
+    """Whether the relative path ``value`` stays inside ``data/`` once normalised."""
+    path = PurePosixPath(value.replace("\\", "/"))
+    if path.is_absolute():
+        return False
+    parts = PurePosixPath(posixpath.normpath(str(path))).parts
+    return len(parts) >= 1 and parts[0] == "data" and ".." not in parts
+
+
 class Params(_Strict):
     """All of ``params.yaml``."""
 
@@ -132,11 +152,27 @@ class Params(_Strict):
     teacher: TeacherParams = TeacherParams()
     distill: DistillParams = DistillParams()
     export: ExportParams = ExportParams()
+    allow_paths_outside_data: bool = False
+    """File paths in these params must lie in the project's ``data/`` folder (so a params file
+    from elsewhere cannot make a run read, say, ``~/.ssh``); ``true`` lifts that, on purpose."""
 
     @model_validator(mode="after")
     def _fractions(self) -> Params:
         if self.data.val_fraction + self.data.test_fraction >= 0.9:
             raise ValueError("data.val_fraction + data.test_fraction must leave a train split")
+        return self
+
+    @model_validator(mode="after")
+    def _paths(self) -> Params:
+        if self.allow_paths_outside_data:
+            return self
+        for section, key in PATH_KEYS:
+            value = getattr(getattr(self, section), key)
+            if not _inside_data(value):
+                raise ValueError(
+                    f"{section}.{key}: {value!r} is outside the project's data/ folder; "
+                    "move the file under data/ or set allow_paths_outside_data: true"
+                )
         return self
 
 

