@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -109,6 +110,7 @@ def server(exported):
                 time.sleep(0.1)
         else:
             pytest.fail(f"server did not start: {process.stdout.read()}")
+        client.server_pid = process.pid  # for the load test's memory readings
         yield client
     finally:
         client.close()
@@ -271,6 +273,51 @@ def test_each_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, expo
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]
     assert len(_good(server, exported)) == 4
+
+
+def test_bounded_load_of_good_and_bad_requests_no_error_and_flat_memory(server, exported):
+    """2,000 requests (1,000 good, 1,000 of the bad kinds above, not streamed) from 8 threads
+    at once, within 120 s: every good one answered 200 with the class it gets alone, every bad one
+    its 4xx; the server's resident memory grows by less than 16 MiB over the run."""
+    import psutil
+
+    clips = exported["samples"][:6]
+    expected = [
+        server.post("/v1/predict", json={"inputs": [c.tolist()]}).json()["predictions"][0]["class"]
+        for c in clips
+    ]
+    bad = [(k, v) for k, v in BAD.items() if not callable(v[0].get("content"))]
+    work = []
+    for i in range(1000):
+        work.append(("good", i % len(clips)))
+        work.append(("bad", i % len(bad)))
+
+    def send(item, client):
+        kind, index = item
+        if kind == "good":
+            response = client.post("/v1/predict", json={"inputs": [clips[index].tolist()]})
+            ok = response.status_code == 200
+            return ok and response.json()["predictions"][0]["class"] == expected[index]
+        kwargs, status, message = bad[index][1]
+        response = client.post("/v1/predict", **kwargs)
+        return response.status_code == status and message in response.json()["detail"]
+
+    def run(items):
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            return [send(item, client) for item in items]
+
+    process = psutil.Process(server.server_pid)
+    run(work[:100])  # warm-up: allocator pools, onnxruntime arenas
+    before = process.memory_info().rss
+    start = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for chunk in pool.map(run, [work[i::8] for i in range(8)]) for r in chunk]
+    elapsed = time.monotonic() - start
+    growth = (process.memory_info().rss - before) / 2**20
+    print(f"\n2000 requests in {elapsed:.1f} s, server memory growth {growth:.1f} MiB")
+    assert len(results) == 2000 and all(results)
+    assert elapsed < 120
+    assert growth < 16
 
 
 def test_npz_lengths_past_the_array_are_refused(server):
