@@ -60,6 +60,18 @@ def make_scratch_repo(repo: Path, wheel: Path, budget: dict | None = None) -> Pa
     return repo
 
 
+def make_trained_project(root: Path, pair_root: Path, params: dict) -> Path:
+    """A project at ``root`` with the default pair, ``params`` (a params.yaml mapping), and the
+    validate and teacher stages run in this process (a Prefect API must be up)."""
+    from flows.stages import teacher, validate
+
+    shutil.copytree(pair_root / "data", root / "data")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    validate(root=str(root))
+    teacher(root=str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def fsdd_wheel() -> Path:
     if not WHEEL.is_file():

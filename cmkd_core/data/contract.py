@@ -215,7 +215,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
 
     A failure (or a kill) before the rename leaves whatever was at ``final`` untouched and no
-    half-written file under the final name.
+    half-written file under the final name. An ``OSError`` without a file name (``write`` on a
+    full disk gives none) is raised again with ``final`` in its message.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +227,10 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, final)
+    except OSError as exc:  # a full disk or a permission: say which output could not be written
+        if exc.filename is not None:
+            raise
+        raise type(exc)(exc.errno, f"writing {final}: {exc.strerror or exc}") from exc
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import yaml
+from conftest import make_trained_project
 from safetensors.torch import load_file
 
 from cmkd_core.data import read_dataset
@@ -31,16 +31,9 @@ BUDGET = {"epochs": 30, "batch_size": 16, "warmup_epochs": 1}
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, pair_root, tiny_params, prefect_harness) -> Path:
     """The default pair validated and a teacher banked, as the stages before distill leave it."""
-    from flows.stages import teacher, validate
-
-    root = tmp_path_factory.mktemp("killed")
-    shutil.copytree(pair_root / "data", root / "data")
     params = tiny_params.model_dump(mode="json")
     params["distill"].update(BUDGET)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    validate(root=str(root))
-    teacher(root=str(root))
-    return root
+    return make_trained_project(tmp_path_factory.mktemp("killed"), pair_root, params)
 
 
 def _api_url() -> str:
