@@ -66,6 +66,8 @@ def make_trained_project(root: Path, pair_root: Path, params: dict) -> Path:
     from flows.stages import teacher, validate
 
     shutil.copytree(pair_root / "data", root / "data")
+    (root / "data" / "raw").mkdir(exist_ok=True)
+    shutil.copy2(WHEEL, root / "data" / "raw" / WHEEL.name)  # for the prepare stage
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     validate(root=str(root))
     teacher(root=str(root))

@@ -129,3 +129,41 @@ def test_distill_killed_three_times_resumes_to_the_same_results(project):
     metrics, logits = _evaluate_and_export(project)
     assert metrics == ref_metrics
     np.testing.assert_array_equal(logits, ref_logits)
+
+
+def _complete(path: Path) -> bool:
+    """Whether the file under a final name loads whole, by its kind."""
+    import onnx
+
+    from cmkd_core.data.contract import load_npy
+
+    readers = {
+        ".json": lambda p: json.loads(p.read_text()),
+        ".safetensors": load_file,
+        ".npy": lambda p: np.asarray(load_npy(p)).sum(),
+        ".onnx": lambda p: onnx.checker.check_model(onnx.load(str(p))),
+        ".csv": lambda p: p.read_text().splitlines()[0],
+        ".png": lambda p: p.read_bytes()[-8:] == b"IEND\xaeB`\x82" or 1 / 0,
+    }
+    try:
+        readers.get(path.suffix, lambda p: p.read_bytes())(path)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize(
+    "stage", ["prepare", "validate", "teacher", "distill", "evaluate", "export"]
+)
+def test_a_stage_killed_at_a_random_moment_leaves_only_whole_files(project, stage):
+    rng = random.Random(stage)
+    before = {p: p.stat().st_mtime_ns for p in (project / "data").rglob("*") if p.is_file()}
+    assert before, "the previous test leaves every stage's outputs"
+    process = _stage(project, stage)
+    time.sleep(rng.uniform(4.0, 12.0))  # start-up is about 5-8 s: some kills land mid-stage
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    final = [p for p in (project / "data").rglob("*") if p.is_file() and p.name[0] != "."]
+    assert final and all(_complete(p) for p in final), [p for p in final if not _complete(p)]
+    for path in before:  # every output is there still: untouched, or replaced whole
+        assert path.exists(), path
