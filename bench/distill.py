@@ -77,13 +77,15 @@ def measure(method_name, params, student, bank, batch_size, steps, device, profi
         _sync(device)
         load.append(time.perf_counter() - start)
     model.train()
+    clip = params.grad_clip
+    amp = params.amp == "bf16" or (params.amp == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i, batch in enumerate(batches):
         _sync(device)
         start = time.perf_counter()
-        train_step(model, lambda b: method(model, b), batch, optimizer, scheduler, params.grad_clip)
+        train_step(model, lambda b: method(model, b), batch, optimizer, scheduler, clip, amp)
         _sync(device)
         if i >= 3:  # the first steps warm up allocators and kernels
             times.append(time.perf_counter() - start)

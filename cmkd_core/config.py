@@ -115,6 +115,9 @@ class DistillParams(_Strict):
     ot: OTParams = OTParams()
     seed: int = 0
     device: str = "auto"
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    """Mixed precision of the training step: bf16 autocast (``auto``: on CUDA only). The OT
+    of feature alignment always runs in float32; the weights stay float32."""
 
 
 class ExportParams(_Strict):

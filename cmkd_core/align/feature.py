@@ -88,8 +88,8 @@ def transport_plan(
     solver: Solver = "torch",
 ) -> torch.Tensor:
     """The entropic OT plan ``(n, m)`` between uniform clouds ``x (n, d)`` and ``y (m, d)``."""
-    with torch.no_grad():
-        return _solve(cost_matrix(x, y, cost), reg, num_iter, solver).plan
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return _solve(cost_matrix(x.float(), y.float(), cost), reg, num_iter, solver).plan
 
 
 def feature_alignment(
@@ -116,7 +116,8 @@ def feature_alignment(
         cost) makes the plan block-diagonal, i.e. class-conditional OT.
     solver : ``"torch"`` (default) or ``"pot"``; same result (module docstring).
     """
-    m = cost_matrix(student_features.float(), teacher_features.float(), cost)
-    if labels is not None and label_cost > 0:
-        m = m + label_cost * (labels[0].unsqueeze(1) != labels[1].unsqueeze(0)).to(m.dtype)
-    return _solve(m, reg, num_iter, solver).value
+    with torch.autocast(student_features.device.type, enabled=False):  # OT in float32 always
+        m = cost_matrix(student_features.float(), teacher_features.float(), cost)
+        if labels is not None and label_cost > 0:
+            m = m + label_cost * (labels[0].unsqueeze(1) != labels[1].unsqueeze(0)).to(m.dtype)
+        return _solve(m, reg, num_iter, solver).value

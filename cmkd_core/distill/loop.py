@@ -89,10 +89,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     grad_clip: float | None = None,
+    amp: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step on ``batch``: the loss terms, backward, clipping, optimiser and
-    scheduler steps. Returns the terms (scalar tensors, still on the model's device)."""
-    terms = step(batch)
+    scheduler steps. Returns the terms (scalar tensors, still on the model's device). With
+    ``amp`` the loss terms are computed under bf16 autocast (backward follows it)."""
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        terms = step(batch)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if grad_clip is not None:
@@ -116,13 +120,15 @@ def fit(
     callbacks: Sequence[Callback] = (),
     start_epoch: int = 1,
     history: Sequence[dict[str, float]] = (),
+    amp: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model`` and return one record per epoch.
 
     ``step(batch)`` returns named scalar loss terms including ``"loss"``, the one optimised;
     ``batches(epoch)`` yields the epoch's batches; ``validate()`` runs with the model in eval
     mode under ``no_grad`` and returns metrics such as ``val_accuracy``. A resumed run starts
-    at ``start_epoch`` with the records of the epochs before it in ``history``.
+    at ``start_epoch`` with the records of the epochs before it in ``history``. ``amp``: see
+    :func:`train_step`.
     """
     history = list(history)
     for epoch in range(start_epoch, epochs + 1):
@@ -130,7 +136,7 @@ def fit(
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for batch in batches(epoch):
-            terms = train_step(model, step, batch, optimizer, scheduler, grad_clip)
+            terms = train_step(model, step, batch, optimizer, scheduler, grad_clip, amp)
             for name, value in terms.items():  # summed on the device: no sync per step
                 sums[name] = value.detach() + sums[name] if name in sums else value.detach()
             count += 1

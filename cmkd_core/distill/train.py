@@ -54,6 +54,8 @@ class TrainSettings:
     """Where to save the training state each epoch and resume from (None: no checkpoints)."""
     checkpoint_key: str = ""
     """Identifies the run's settings and data; a checkpoint with another key is not resumed."""
+    amp: bool = False
+    """bf16 autocast of the loss terms (feature alignment's OT stays float32)."""
 
 
 @dataclass
@@ -202,6 +204,7 @@ def train_classifier(
         callbacks=callbacks,
         start_epoch=start,
         history=done,
+        amp=settings.amp,
     )
     return TrainResult(history, best.best_epoch, best.best_value)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -159,3 +160,33 @@ def test_robustness_presets_thin_the_bank_and_shift_the_inputs():
     assert torch.equal(shifted[1], x[1])
     with pytest.raises(KeyError, match="valid: clean, mild"):
         preset("extreme")
+
+
+def test_bf16_autocast_keeps_the_ot_in_float32_and_the_loss_close():
+    from cmkd_core.align import feature as feature_module
+    from cmkd_core.distill.loop import train_step
+
+    bank = _bank()
+    seen: list[torch.dtype] = []
+    real = feature_module._solve
+
+    def spy(m, *args):
+        seen.append(m.dtype)
+        return real(m, *args)
+
+    losses = {}
+    for amp in (False, True):
+        model = _student()
+        method = create_method("joint", DistillParams(), bank)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        feature_module._solve = spy
+        try:
+            step = functools.partial(method, model)
+            terms = train_step(model, step, _batch(bank), optimizer, amp=amp)
+        finally:
+            feature_module._solve = real
+        losses[amp] = float(terms["loss"])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert seen == [torch.float32, torch.float32]  # the cost matrix, with and without autocast
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)
