@@ -20,7 +20,8 @@ def test_bench_runs_in_workers_then_resumes_without_training_again(
     tmp_path, fsdd_wheel, tiny_params
 ):
     params = tiny_params.model_dump(mode="json")
-    params["data"]["fsdd_wheel"] = str(fsdd_wheel)
+    params["data"]["fsdd_wheel"] = str(fsdd_wheel)  # outside tmp_path's data/, on purpose
+    params["allow_paths_outside_data"] = True
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     first = _bench(tmp_path)

@@ -60,6 +60,7 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 
 def test_nightly_deployment_runs_under_a_worker_and_a_second_run_is_a_no_op(tmp_path, fsdd_wheel):
+    already = {p.pid for p in psutil.Process().children(recursive=True)}
     repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel, BUDGET)
     home = tmp_path / "prefect-home"
     port = _free_port()
@@ -149,8 +150,8 @@ def test_nightly_deployment_runs_under_a_worker_and_a_second_run_is_a_no_op(tmp_
     assert started and all(proc.returncode is not None for proc in started)
     left = [pid for pid in stopped if psutil.pid_exists(pid) and not _zombie(pid)]
     assert left == []
-    children = [p for p in psutil.Process().children(recursive=True) if not _zombie(p.pid)]
-    assert children == []
+    children = {p.pid for p in psutil.Process().children(recursive=True) if not _zombie(p.pid)}
+    assert children <= already  # only what other tests' fixtures started (a Prefect harness)
 
 
 def _zombie(pid: int) -> bool:
