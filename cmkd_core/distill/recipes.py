@@ -159,7 +159,7 @@ def fit_student(
         params.grad_clip,
         progress,
         params.unlabelled_batch_size,
-        amp=params.amp == "bf16" or (params.amp == "auto" and device.type == "cuda"),
+        amp=params.amp == "bf16" or (params.amp == "auto" and torch.device(device).type == "cuda"),
         **_checkpoint_settings(checkpoint),
     )
     result = trainer(
