@@ -17,7 +17,6 @@ it. Rank 0 writes the student and its history where the stage writes them
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -29,11 +28,11 @@ import torch.distributed as dist
 
 from cmkd_core.bank import load_bank
 from cmkd_core.config import load_params
-from cmkd_core.data import check_dataset, write_text_atomic
+from cmkd_core.data import check_dataset
 from cmkd_core.distill import resolve_device
 from cmkd_core.distill.ddp import fit_student_ddp
-from cmkd_core.models.checkpoint import save_classifier
 from tasks.layout import Layout
+from tasks.train import write_student
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,22 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         bank = load_bank(layout.bank)
         dataset = check_dataset(layout.student_data, classes=bank.classes)
         fitted, _ = fit_student_ddp(dataset, bank, params, method, device, not args.quiet)
-        summary = {
-            "method": method,
-            "best_epoch": fitted.result.best_epoch,
-            "val_accuracy": fitted.result.best_val_accuracy,
-            "labelled_train": len(dataset.rows("train", labelled_only=True)),
-            "device": str(device),
-            "world_size": world,
-        }
         if rank == 0:
             out = args.out or layout.student_weights(method)
-            info = {**summary, "teacher": bank.info, "classes": list(bank.classes)}
-            save_classifier(fitted.model, fitted.spec, out, info)
-            history = {**summary, "history": fitted.result.history}
-            write_text_atomic(
-                args.history or layout.history(method),
-                json.dumps(history, indent=2, sort_keys=True) + "\n",
+            history = args.history or layout.history(method)
+            summary = write_student(
+                fitted, dataset, bank, method, device, out, history, world_size=world
             )
             print(
                 f"{method} student over {world} processes: best val "

@@ -57,42 +57,40 @@ def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int
     return process.returncode, "\n".join(lines)
 
 
+def _dvc_quiet(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``dvc ARGS`` in ``root`` with its output captured, not logged (for questions)."""
+    command = [sys.executable, "-m", "dvc", *args]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
+
+
 def default_remote(root: Path) -> str | None:
     """The DVC remote ``core.remote`` names in ``root``'s config, or ``None``."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "config", "core.remote"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return done.stdout.strip() or None
+    return _dvc_quiet(root, "config", "core.remote").stdout.strip() or None
+
+
+def _with_remote(root: Path, *args: str) -> bool:
+    """``dvc ARGS`` (a pull or a push) against the default remote; ``False`` without one."""
+    if default_remote(root) is None:
+        get_run_logger().info("no default DVC remote: nothing to %s", args[0])
+        return False
+    status, _ = _dvc(root, *args)
+    if status != 0:
+        raise StageFailedError(f"`dvc {args[0]}` exited {status} in {root}")
+    return True
 
 
 @task(name="dvc-pull", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def pull(root: Path) -> bool:
     """Fetch what the remote has for this revision into the cache and the workspace (missing
     outputs are allowed: the first run has pushed nothing yet). ``False`` without a remote."""
-    if default_remote(root) is None:
-        get_run_logger().info("no default DVC remote: nothing to pull")
-        return False
-    status, _ = _dvc(root, "pull", "--allow-missing")
-    if status != 0:
-        raise StageFailedError(f"`dvc pull` exited {status} in {root}")
-    return True
+    return _with_remote(root, "pull", "--allow-missing")
 
 
 @task(name="dvc-status", cache_policy=NONE)
 def stale_stages(root: Path) -> list[str]:
     """The stages whose own dependencies, parameters or outputs changed (``dvc status``);
     empty when the workspace matches ``dvc.lock``: nothing to do."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = _dvc_quiet(root, "status", "--json")
     if done.returncode != 0:
         raise StageFailedError(f"`dvc status` exited {done.returncode} in {root}: {done.stderr}")
     report = json.loads(done.stdout or "{}")
@@ -120,10 +118,4 @@ def reproduce_stage(
 @task(name="dvc-push", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def push(root: Path) -> bool:
     """Upload the cached outputs to the default remote; ``False`` without one."""
-    if default_remote(root) is None:
-        get_run_logger().info("no default DVC remote: nothing to push")
-        return False
-    status, _ = _dvc(root, "push")
-    if status != 0:
-        raise StageFailedError(f"`dvc push` exited {status} in {root}")
-    return True
+    return _with_remote(root, "push")

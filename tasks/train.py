@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from safetensors.torch import save_file
 
-from cmkd_core.bank import load_bank, save_bank
+from cmkd_core.bank import TeacherBank, load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
-from cmkd_core.data import atomic_path, check_dataset
+from cmkd_core.data import ModalityDataset, atomic_path, check_dataset
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
-from cmkd_core.distill.recipes import fit_student, fit_teacher
+from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
 from cmkd_core.export import sha256_file
 from cmkd_core.models.checkpoint import save_classifier
 from cmkd_core.teachers import bank_from_embeddings, bank_from_module, bank_from_onnx
@@ -102,6 +104,32 @@ def _given_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
     return metrics
 
 
+def write_student(
+    fitted: Fitted,
+    dataset: ModalityDataset,
+    bank: TeacherBank,
+    method: str,
+    device: torch.device | str,
+    weights: str | Path,
+    history: str | Path,
+    **extra: object,
+) -> dict:
+    """Write a trained student's weights (with its summary, teacher and classes) and its
+    history JSON, both atomically; return the summary (``extra`` keys added to it)."""
+    summary = {
+        "method": method,
+        "best_epoch": fitted.result.best_epoch,
+        "val_accuracy": fitted.result.best_val_accuracy,
+        "labelled_train": len(dataset.rows("train", labelled_only=True)),
+        "device": str(device),
+        **extra,
+    }
+    info = {**summary, "teacher": bank.info, "classes": list(bank.classes)}
+    save_classifier(fitted.model, fitted.spec, weights, info)
+    write_json(history, {**summary, "history": fitted.result.history})
+    return summary
+
+
 @task(name="distill-student", cache_policy=NONE)
 def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
     """Train one student with ``method`` from the bank; write weights and history."""
@@ -110,16 +138,15 @@ def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
     dataset = check_dataset(layout.student_data, classes=bank.classes)
     checkpoint = _checkpoint(layout, f"distill-{method}", params)
     fitted, _ = fit_student(dataset, bank, params, method, device, checkpoint=checkpoint)
-    summary = {
-        "method": method,
-        "best_epoch": fitted.result.best_epoch,
-        "val_accuracy": fitted.result.best_val_accuracy,
-        "labelled_train": len(dataset.rows("train", labelled_only=True)),
-        "device": str(device),
-    }
-    info = {**summary, "teacher": bank.info, "classes": list(bank.classes)}
-    save_classifier(fitted.model, fitted.spec, layout.student_weights(method), info)
-    write_json(layout.history(method), {**summary, "history": fitted.result.history})
+    summary = write_student(
+        fitted,
+        dataset,
+        bank,
+        method,
+        device,
+        layout.student_weights(method),
+        layout.history(method),
+    )
     get_run_logger().info(
         "%s student: best val %.4f at epoch %d",
         method,
