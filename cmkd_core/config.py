@@ -79,17 +79,46 @@ class OTParams(_Strict):
     measured by bench/distill.py --solvers) or pot (POT's ot.solve); the same result."""
 
 
+class SSLParams(_Strict):
+    """The unlabelled-data terms of ``fixmatch`` and ``sinkhorn_ssl``."""
+
+    weight: float = Field(1.0, ge=0)
+    """Weight of the unlabelled term once ramped up."""
+    start: int = Field(50, ge=0)
+    """Optimiser steps with the unlabelled term off (the student first learns its labels)."""
+    ramp: int = Field(50, ge=0)
+    """Steps over which the unlabelled term's weight then rises linearly to ``weight``."""
+    threshold: float = Field(0.8, gt=0, le=1)
+    """fixmatch: confidence of the weak view's prediction needed to keep its pseudo-label."""
+    temperature: float = Field(0.1, gt=0)
+    """sinkhorn_ssl: prototype logits are ``cos(projected features, class mean) / temperature``."""
+    eps: float = Field(0.05, gt=0)
+    """sinkhorn_ssl: entropic regularisation of the balanced assignment to classes."""
+    iterations: int = Field(50, ge=1)
+    """sinkhorn_ssl: Sinkhorn iterations of that assignment."""
+
+
 class DistillParams(_Strict):
     """Stage ``distill``: the student, the method and the optimiser."""
 
-    method: str = "joint"
-    """A registered method: ce, fa, la, joint, bilevel, prototype_kd, mmd (no pairs needed);
-    hinton_kd, fitnet, c2kd (need ``pairing: paired``)."""
+    method: str = "auto"
+    """``auto`` (train the candidates of :mod:`cmkd_core.distill.auto`, ship the best on
+    validation) or one method: ce, fa, la, joint, bilevel, prototype_kd, mmd, fixmatch,
+    sinkhorn_ssl (no pairs needed); hinton_kd, fitnet, c2kd (need ``pairing: paired``); or a
+    named variant such as ``joint_w0.1`` (:data:`cmkd_core.distill.auto.VARIANTS`)."""
     pairing: Literal["unpaired", "paired"] = "unpaired"
     """unpaired: class-matched teacher rows per batch; paired: each sample's own pair."""
     model: str = "sequence_cnn"
     feature_dim: int = Field(64, ge=2)
     epochs: int = Field(60, ge=1)
+    """Evaluation rounds: the model is validated (and checkpointed) after each."""
+    min_steps: int = Field(300, ge=0)
+    """Optimiser steps at least, whatever the labelled set's size: training runs
+    ``max(epochs * batches per pass, min_steps)`` steps in ``epochs`` equal rounds, so five
+    labelled samples per class (one batch) are not trained for only ``epochs`` steps."""
+    augment: Literal["none", "weak", "strong"] = "weak"
+    """View of the labelled training batches (cmkd_core.data.augment), the same for every
+    method; semi-supervised methods label the unlabelled weak view and learn its strong one."""
     batch_size: int = Field(64, ge=2)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -113,6 +142,7 @@ class DistillParams(_Strict):
     ] = "clean"
     """Robustness preset applied to the train split (see cmkd_core.data.presets)."""
     ot: OTParams = OTParams()
+    ssl: SSLParams = SSLParams()
     seed: int = 0
     device: str = "auto"
     amp: Literal["auto", "off", "bf16"] = "auto"

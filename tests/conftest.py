@@ -28,7 +28,13 @@ WHEEL = ROOT / DataParams().fsdd_wheel
 # The budget of the pipeline runs in scratch repos: a few epochs of each model.
 TINY = {
     "teacher": {"epochs": 3, "feature_dim": 32, "warmup_epochs": 1},
-    "distill": {"epochs": 8, "batch_size": 32, "warmup_epochs": 1},
+    "distill": {
+        "epochs": 8,
+        "batch_size": 32,
+        "warmup_epochs": 1,
+        "min_steps": 0,
+        "ssl": {"start": 8, "ramp": 8},  # the unlabelled terms act within the tiny budget
+    },
 }
 
 
@@ -98,7 +104,7 @@ def tiny_params() -> Params:
     """A budget small enough for tests: a few epochs of each model."""
     return Params(
         teacher=TeacherParams(epochs=3, feature_dim=32, device="cpu"),
-        distill=DistillParams(epochs=3, batch_size=32, device="cpu"),
+        distill=DistillParams(epochs=3, batch_size=32, device="cpu", min_steps=0),
     )
 
 

@@ -56,11 +56,12 @@ from torch import nn
 
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DistillParams
+from cmkd_core.data.augment import Augment, Views
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill.methods import Method, MethodError
 from cmkd_core.distill.recipes import Fitted, fit_student
-from cmkd_core.distill.train import Augment, TrainResult, TrainSettings, train_classifier
+from cmkd_core.distill.train import TrainResult, TrainSettings, train_classifier
 from cmkd_core.models import Classifier
 
 Group = dist.ProcessGroup | None
@@ -218,6 +219,7 @@ def train_classifier_ddp(
     pairing: str = "unpaired",
     unlabelled: Samples | None = None,
     augment: Augment | None = None,
+    views: Views | None = None,
     desc: str = "train",
     group: Group = None,
 ) -> TrainResult:
@@ -237,7 +239,7 @@ def train_classifier_ddp(
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_global_batch(settings.batch_size, world)
-    if type(method).forward is not Method.forward:
+    if type(method).forward is not Method.forward or views is not None:
         raise MethodError(
             f"method {method.name!r} runs its own optimisation inside a step and has no "
             "data-parallel form here; train it in a single process"
@@ -259,6 +261,7 @@ def train_classifier_ddp(
             pairing=pairing,
             unlabelled=unlabelled,
             augment=augment,
+            views=views,
             desc=desc,
         )
 

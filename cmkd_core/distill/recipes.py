@@ -13,10 +13,12 @@ import torch
 
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DistillParams, TeacherParams
+from cmkd_core.data.augment import compose, input_kind, make_view, views_for
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.presets import domain_shift, preset, restrict_bank
 from cmkd_core.data.tensors import Samples, samples_of, training_frames
-from cmkd_core.distill.methods import create_method
+from cmkd_core.distill.auto import resolve
+from cmkd_core.distill.methods import create_method, method_class
 from cmkd_core.distill.train import TrainResult, TrainSettings, seed_everything, train_classifier
 from cmkd_core.models import Classifier
 from cmkd_core.models.checkpoint import build_classifier
@@ -119,15 +121,22 @@ def fit_student(
     trainer: Callable[..., TrainResult] = train_classifier,
     checkpoint: tuple[str, str] | None = None,
 ) -> tuple[Fitted, dict[str, Samples]]:
-    """Train a student with ``method`` on the labelled train samples, selected on val.
+    """Train a student with ``method`` (a registered method or a variant of
+    :data:`cmkd_core.distill.auto.VARIANTS`) on the labelled train samples, selected on val.
 
     The student's class indices follow the bank's class list. ``params.pairing`` chooses
     class-matched (unpaired) or instance-paired teacher rows; ``params.robustness`` thins the
     bank and perturbs the training inputs (train split only); ``params.unlabelled`` adds the
-    unlabelled train samples to feature alignment. ``trainer`` runs the training (the
-    data-parallel one: :func:`cmkd_core.distill.ddp.train_classifier_ddp`); ``checkpoint``
-    as for :func:`fit_teacher`.
+    unlabelled train samples to feature alignment; methods that learn from unlabelled samples
+    get them whenever there are some (with their pairs, when paired), as weak and strong views
+    if they ask for views. ``params.augment`` picks the view of the labelled batches.
+    ``trainer`` runs the training (the data-parallel one:
+    :func:`cmkd_core.distill.ddp.train_classifier_ddp`); ``checkpoint`` as for
+    :func:`fit_teacher`.
     """
+    name = method
+    method, params = resolve(name, params)
+    cls = method_class(method)
     data = split_samples(dataset, bank.classes, device, labelled_only=True)
     if params.pairing == "paired":
         if "pair" not in dataset.manifest.columns:
@@ -139,16 +148,25 @@ def fit_student(
         raise ValueError("robustness presets apply to unpaired runs only")
     bank = restrict_bank(bank, robustness, params.seed)
     unlabelled = None
-    if params.unlabelled:
+    if params.unlabelled or cls.uses_unlabelled:
         train = dataset.rows("train")
         if dataset.labelled_ids is not None:
             train = train[~train["id"].isin(dataset.labelled_ids)]
         unlabelled = samples_of(dataset, train, bank.classes).to(device)
+        if params.pairing == "paired" and len(train):
+            unlabelled.pair_index = bank.rows_of(list(train["pair"]), str(dataset.root)).to(device)
     spec = student_spec(dataset, bank, params)
     model = new_model(spec, data["train"], device, params.seed)
-    augment = None
+    kind = input_kind(data["train"].inputs)
+    norm = model.encoder.norm
+    shift = None
     if robustness.shift_level is not None:
-        augment = domain_shift(robustness.shift_level, model.encoder.norm.std)
+        shift = domain_shift(robustness.shift_level, norm.std)
+    view = (
+        None if params.augment == "none" else make_view(kind, params.augment, norm.mean, norm.std)
+    )
+    augment = compose(shift, view)
+    views = views_for(kind, norm.mean, norm.std) if cls.uses_views else None
     settings = TrainSettings(
         params.epochs,
         params.batch_size,
@@ -159,6 +177,7 @@ def fit_student(
         params.grad_clip,
         progress,
         params.unlabelled_batch_size,
+        min_steps=params.min_steps,
         amp=params.amp == "bf16" or (params.amp == "auto" and torch.device(device).type == "cuda"),
         **_checkpoint_settings(checkpoint),
     )
@@ -172,6 +191,7 @@ def fit_student(
         pairing=params.pairing,
         unlabelled=unlabelled,
         augment=augment,
-        desc=method,
+        views=views,
+        desc=name,
     )
     return Fitted(model, spec, result), data

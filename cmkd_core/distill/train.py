@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cmkd_core.bank import TeacherBank
+from cmkd_core.data.augment import Augment, Views
 from cmkd_core.data.contract import SPLITS, ModalityDataset
 from cmkd_core.data.samplers import ClassMatchedSampler, epoch_batches
 from cmkd_core.data.tensors import Samples, samples_of
@@ -56,6 +58,31 @@ class TrainSettings:
     """Identifies the run's settings and data; a checkpoint with another key is not resumed."""
     amp: bool = False
     """bf16 autocast of the loss terms (feature alignment's OT stays float32)."""
+    min_steps: int = 0
+    """Optimiser steps at least: ``max(epochs * batches per pass, min_steps)`` steps are run
+    in ``epochs`` equal rounds (an evaluation after each)."""
+
+
+def steps_per_round(n: int, settings: TrainSettings) -> int:
+    """Optimiser steps between two evaluations for ``n`` training samples: one pass over them,
+    or more passes when ``settings.min_steps`` asks for more steps than ``epochs`` passes."""
+    per_pass = len(list(epoch_batches(n, settings.batch_size, torch.Generator())))
+    return max(per_pass, math.ceil(settings.min_steps / settings.epochs))
+
+
+def round_batches(
+    n: int, batch_size: int, steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """``steps`` index batches from consecutive shuffled passes over ``range(n)`` (see
+    :func:`epoch_batches`); what is left of the last pass is dropped, so a round depends only on
+    the generator's state at its start (a resumed run draws the same batches)."""
+    done = 0
+    while done < steps:
+        for index in epoch_batches(n, batch_size, generator):
+            yield index
+            done += 1
+            if done == steps:
+                return
 
 
 @dataclass
@@ -94,9 +121,6 @@ def predict_features(model: Classifier, samples: Samples, batch_size: int = 512)
     return torch.cat(feats)
 
 
-Augment = Callable[[tuple[torch.Tensor, ...], torch.Generator], tuple[torch.Tensor, ...]]
-
-
 def train_classifier(
     model: Classifier,
     method: Method,
@@ -108,6 +132,7 @@ def train_classifier(
     pairing: str = "unpaired",
     unlabelled: Samples | None = None,
     augment: Augment | None = None,
+    views: Views | None = None,
     desc: str = "train",
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
@@ -117,8 +142,9 @@ def train_classifier(
     the bank's train split (``pairing="unpaired"``) or each sample's own pair (``"paired"``,
     needs ``train.pair_index``). The teacher itself never runs. With ``unlabelled`` samples,
     each batch also carries unlabelled student inputs and bank rows drawn in the bank's class
-    proportions. ``augment`` transforms the labelled training inputs of each batch;
-    ``callbacks`` run after each epoch, after the built-in ones. The model
+    proportions (paired: their own pairs), as the weak and strong ``views`` of them when
+    given. ``augment`` transforms the labelled training inputs of each batch; ``callbacks``
+    run after each round, after the built-in ones. The model
     ends at the weights of its best validation epoch; tensors must be on the model's device.
     """
     device = next(model.parameters()).device
@@ -139,22 +165,41 @@ def train_classifier(
         bank_train = torch.nonzero(bank.split("train")).flatten()
         sampler = ClassMatchedSampler(bank.labels[bank_train], len(bank.classes))
 
+    use_unlabelled = unlabelled is not None and len(unlabelled) > 1
+    use_unlabelled = use_unlabelled and (sampler is not None or method.uses_unlabelled)
+    if (
+        use_unlabelled
+        and pairing == "paired"
+        and sampler is not None
+        and unlabelled.pair_index is None
+    ):
+        raise MethodError(f"{desc}: pairing 'paired' but the unlabelled samples have no pairs")
+    per_round = steps_per_round(len(train), settings)
+
     def batches(epoch: int) -> Iterator[Batch]:
-        for index in epoch_batches(len(train), settings.batch_size, generator):
+        rounds = round_batches(len(train), settings.batch_size, per_round, generator)
+        for i, index in enumerate(rounds):
             inputs, labels = train.take(index)
             if augment is not None:
                 inputs = augment(inputs, generator)
-            batch = Batch(inputs, labels)
+            batch = Batch(inputs, labels, step=(epoch - 1) * per_round + i)
             if sampler is not None:
                 if pairing == "paired":
                     rows = train.pair_index[index.to(train.labels.device)]
                 else:
                     rows = bank_train[sampler.draw(labels.cpu(), generator)]
                 batch.teacher_features = bank_features[rows.to(device)]
-                if unlabelled is not None and len(unlabelled) > 1:
-                    size = min(len(unlabelled), settings.unlabelled_batch_size)
-                    pick = torch.randperm(len(unlabelled), generator=generator)[:size]
-                    batch.unlabelled = unlabelled.take(pick)[0]
+            if use_unlabelled:
+                size = min(len(unlabelled), settings.unlabelled_batch_size)
+                pick = torch.randperm(len(unlabelled), generator=generator)[:size]
+                plain = unlabelled.take(pick)[0]
+                batch.unlabelled = plain if views is None else views.weak(plain, generator)
+                if views is not None:
+                    batch.unlabelled_strong = views.strong(plain, generator)
+                if sampler is not None and pairing == "paired":
+                    rows = unlabelled.pair_index[pick.to(unlabelled.labels.device)]
+                    batch.unlabelled_teacher = bank_features[rows.to(device)]
+                elif sampler is not None:
                     drawn = torch.randint(len(bank_train), (size,), generator=generator)
                     batch.unlabelled_teacher = bank_features[bank_train[drawn].to(device)]
             yield batch
@@ -166,13 +211,12 @@ def train_classifier(
             "val_loss": float(F.cross_entropy(logits, val.labels)),
         }
 
-    steps_per_epoch = len(list(epoch_batches(len(train), settings.batch_size, torch.Generator())))
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        warmup_cosine(settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch),
+        warmup_cosine(settings.epochs * per_round, settings.warmup_epochs * per_round),
     )
     best = BestCheckpoint("val_accuracy")
     extra_callbacks, callbacks = callbacks, [best]

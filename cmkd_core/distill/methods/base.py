@@ -27,8 +27,12 @@ class Batch:
     labels : Tensor ``(B,)`` int64.
     teacher_features : Tensor ``(B, d_T)``: bank rows of the same classes (unpaired) or the
         paired teacher samples themselves (paired); ``None`` for methods without a teacher.
-    unlabelled : inputs of unlabelled student samples ``(U, ...)``, or ``None``.
-    unlabelled_teacher : Tensor ``(U, d_T)``, bank rows drawn by the bank's class proportions.
+    unlabelled : inputs of unlabelled student samples ``(U, ...)`` (their weak view when the
+        method uses views), or ``None``.
+    unlabelled_strong : the strong view of the same unlabelled samples, or ``None``.
+    unlabelled_teacher : Tensor ``(U, d_T)``, bank rows drawn by the bank's class proportions
+        (unpaired) or the unlabelled samples' own pairs (paired).
+    step : index of this batch's optimiser step in the run (0-based).
     """
 
     inputs: tuple[torch.Tensor, ...]
@@ -36,6 +40,8 @@ class Batch:
     teacher_features: torch.Tensor | None = None
     unlabelled: tuple[torch.Tensor, ...] | None = None
     unlabelled_teacher: torch.Tensor | None = None
+    unlabelled_strong: tuple[torch.Tensor, ...] | None = None
+    step: int = 0
 
 
 class MethodError(ValueError):
@@ -49,6 +55,8 @@ class Method(nn.Module):
     needs_teacher = True
     needs_pairs = False
     aligns_features = False  # whether the semi-supervised option adds FA on unlabelled data
+    uses_unlabelled = False  # trains on the unlabelled student samples whenever there are some
+    uses_views = False  # needs the weak and strong views of those samples
 
     def __init__(self, params: DistillParams, bank: TeacherBank | None = None):
         super().__init__()
@@ -107,6 +115,18 @@ class Method(nn.Module):
             loss = loss + weight * value
         terms["loss"] = loss
         return terms
+
+
+def ramp_weight(step: int, weight: float, start: int, ramp: int) -> float:
+    """``0`` for the first ``start`` steps, then rising linearly to ``weight`` over ``ramp``."""
+    if step < start:
+        return 0.0
+    return weight * min(1.0, (step - start + 1) / ramp) if ramp > 0 else weight
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-sum_c targets[i, c] * log_softmax(logits)[i, c]``; both ``(N, C)``."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 def kd_divergence(

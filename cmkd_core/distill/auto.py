@@ -1,0 +1,60 @@
+"""``method: auto``: train a few candidates, ship the one with the best validation accuracy.
+
+The candidates are the CE-only student, the paper's ``joint`` scheme at its default weights
+and at a tenth of them, ``sinkhorn_ssl`` when there are unlabelled student samples, and
+``hinton_kd`` when the data is paired. The CE-only student is always one of them and wins ties,
+so ``auto`` never ships a student that is worse than CE *on validation*; test data is never
+read to choose.
+
+Named variants (``joint_w0.1``) are a registered method with some params changed; they can be
+used anywhere a method name is (``distill.method``, ``cmkd bench --methods``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cmkd_core.config import DistillParams
+from cmkd_core.distill.methods import method_class
+
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "joint_w0.1": ("joint", {"w_fa": 0.1, "w_la": 0.1}),
+}
+BASELINE = "ce"
+
+
+def resolve(name: str, params: DistillParams) -> tuple[str, DistillParams]:
+    """The registered method behind ``name`` and the params it trains with (a variant's
+    overrides applied); an unknown name raises ``KeyError`` listing the valid ones."""
+    if name in VARIANTS:
+        method, overrides = VARIANTS[name]
+        return method, params.model_copy(update=overrides)
+    method_class(name)  # raises with the list of registered methods
+    return name, params
+
+
+def base_method(name: str) -> str:
+    """The registered method a method or variant name trains."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
+def candidates(has_unlabelled: bool, paired: bool) -> list[str]:
+    """What ``auto`` trains, the CE-only baseline first."""
+    names = [BASELINE, "joint", "joint_w0.1"]
+    if has_unlabelled:
+        names.append("sinkhorn_ssl")
+    if paired:
+        names.append("hinton_kd")
+    return names
+
+
+def choose(val_accuracy: Mapping[str, float]) -> str:
+    """The candidate with the highest validation accuracy; ties go to the CE-only baseline,
+    then to the earlier candidate. ``val_accuracy`` must hold the baseline."""
+    if BASELINE not in val_accuracy:
+        raise ValueError(f"auto needs the {BASELINE!r} candidate's validation accuracy")
+    best = BASELINE
+    for name, value in val_accuracy.items():
+        if value > val_accuracy[best]:
+            best = name
+    return best
