@@ -1,6 +1,14 @@
 """Alignment losses between student and teacher: feature (OT) and label alignment."""
 
+from cmkd_core.align.assign import balanced_assignment
 from cmkd_core.align.feature import COSTS, cost_matrix, feature_alignment, transport_plan
 from cmkd_core.align.label import label_alignment
 
-__all__ = ["COSTS", "cost_matrix", "feature_alignment", "label_alignment", "transport_plan"]
+__all__ = [
+    "COSTS",
+    "balanced_assignment",
+    "cost_matrix",
+    "feature_alignment",
+    "label_alignment",
+    "transport_plan",
+]

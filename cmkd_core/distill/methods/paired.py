@@ -1,6 +1,9 @@
 """Baselines that need instance pairs: each batch's teacher rows are the paired samples.
 
 They refuse to run on unpaired data (:class:`MethodError` at the start of training).
+``hinton_kd`` and ``fitnet`` take their teacher term over every paired student train sample,
+labelled or not: a pair needs no label for the teacher to speak to it. ``c2kd`` stays on the
+labelled batch (its non-target KD is defined by the label).
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ class HintonKD(Method):
     """CE + w_kd * T^2 KL(teacher || student) on the paired teacher's logits."""
 
     needs_pairs = True
+    uses_unlabelled = True
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
         teacher_logits = self.teacher_head(batch.teacher_features)
+        if batch.unlabelled is not None and batch.unlabelled_teacher is not None:
+            logits = torch.cat([logits, model(*batch.unlabelled)])
+            teacher_logits = torch.cat(
+                [teacher_logits, self.teacher_head(batch.unlabelled_teacher)]
+            )
         return {
             "kd": (
                 self.params.w_kd,
@@ -39,9 +48,14 @@ class FitNet(Method):
     """CE + w_fa * mean squared error between projected student and paired teacher features."""
 
     needs_pairs = True
+    uses_unlabelled = True
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
-        hint = F.mse_loss(model.projector(features), batch.teacher_features)
+        teacher = batch.teacher_features
+        if batch.unlabelled is not None and batch.unlabelled_teacher is not None:
+            features = torch.cat([features, model.features(*batch.unlabelled)])
+            teacher = torch.cat([teacher, batch.unlabelled_teacher])
+        hint = F.mse_loss(model.projector(features), teacher)
         return {"hint": (self.params.w_fa, hint)}
 
 
