@@ -29,17 +29,31 @@ def summary_text(metrics: dict, onnx: str) -> str:
     """Human-readable result of a run: teacher, student and CE-only test accuracy."""
     student, ce = metrics["student"], metrics["ce_only"]
     gain = 100 * metrics["gain_over_ce"]["test_accuracy"]
+    method = metrics["method"]
+    if "chosen" in metrics:
+        method = f"auto: {metrics['chosen']}"
+    lines = []
+    if "candidates_val_accuracy" in metrics:
+        scores = metrics["candidates_val_accuracy"]
+        ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        lines = [
+            "auto: candidates by validation accuracy (the first is shipped; ties go to ce)",
+            *(f"  {name:<16} val {value:.4f}" for name, value in ranked),
+            f"  {metrics['chosen']} vs ce on validation: "
+            f"{100 * (scores[metrics['chosen']] - scores['ce']):+.2f} points",
+        ]
     return "\n".join(
         [
+            *lines,
             "cmkd results (test split, each model at its best validation epoch)",
             f"  teacher                          test accuracy "
             f"{metrics['teacher']['test_accuracy']:.4f}",
-            f"  distilled student ({metrics['method']})"
-            f"{' ' * max(1, 13 - len(metrics['method']))}test accuracy "
+            f"  distilled student ({method})"
+            f"{' ' * max(1, 13 - len(method))}test accuracy "
             f"{student['test_accuracy']:.4f}   macro-F1 {student['test_macro_f1']:.4f}",
             f"  CE-only student (same budget)    test accuracy {ce['test_accuracy']:.4f}"
             f"   macro-F1 {ce['test_macro_f1']:.4f}",
-            f"  distillation vs CE-only: {gain:+.2f} points"
+            f"  distillation vs CE-only on test: {gain:+.2f} points"
             f" ({student['labelled_train']} labelled student clips)",
             f"  ONNX student: {onnx}",
         ]
@@ -124,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--methods", nargs="+", help="methods to run (default: all)")
     bench.add_argument("--budgets", nargs="+", help="labelled per class, or 'all'")
     bench.add_argument("--seeds", type=int, help="number of seeds (0..n-1)")
+    bench.add_argument(
+        "--controls", nargs="*", help="methods also run with the shuffled teacher (default by grid)"
+    )
+    bench.add_argument(
+        "--prototype-controls",
+        nargs="*",
+        help="methods also run with random class prototypes (default: sinkhorn_ssl)",
+    )
     bench.add_argument("--out", default="bench/results", help="folder for methods*.json/md")
     bench.add_argument(
         "--set",

@@ -8,10 +8,16 @@ from prefect import flow
 
 from cmkd_core.config import load_params
 from tasks.data import copy_imported_pair, materialise_default_pair, validate_pair
-from tasks.evaluate import evaluate_students, methods_of
+from tasks.evaluate import evaluate_students
 from tasks.export import export_student
 from tasks.layout import Layout
-from tasks.train import clear_checkpoints, distill_student, train_teacher
+from tasks.train import (
+    clear_checkpoints,
+    distill_student,
+    plan_candidates,
+    select_student,
+    train_teacher,
+)
 
 
 @flow(name="prepare")
@@ -42,10 +48,13 @@ def teacher(root: str = ".") -> dict:
 
 @flow(name="distill")
 def distill(root: str = ".") -> dict:
-    """Train the distilled student and the CE-only baseline (params: ``distill``)."""
+    """Train the distilled student and the CE-only baseline (params: ``distill``); with
+    ``method: auto``, every candidate, then keep the best on validation."""
     layout = Layout(Path(root))
     params = load_params(layout.params).distill
-    result = {m: distill_student(layout, params, m) for m in methods_of(params.method)}
+    result = {m: distill_student(layout, params, m) for m in plan_candidates(layout, params)}
+    if params.method == "auto":
+        result["auto"] = select_student(layout, result)
     clear_checkpoints(layout, "distill")
     return result
 

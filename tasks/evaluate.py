@@ -125,6 +125,14 @@ def _feature_map(bank, dataset, models: dict, plots: Path, per_class: int = 60) 
     _save_png(fig, plots / "features_2d.png")
 
 
+def _selection(layout: Layout, method: str) -> dict:
+    """What ``auto`` chose, and every candidate's validation accuracy (``{}`` otherwise)."""
+    if method != "auto":
+        return {}
+    selection = json.loads((layout.distill_dir / "selection.json").read_text())
+    return {"chosen": selection["chosen"], "candidates_val_accuracy": selection["candidates"]}
+
+
 @task(name="evaluate-students", cache_policy=NONE)
 def evaluate_students(layout: Layout, method: str) -> dict:
     """Test accuracy and macro-F1 of each student at its best-validation epoch, plus plots."""
@@ -153,6 +161,7 @@ def evaluate_students(layout: Layout, method: str) -> dict:
         predictions[name] = (y_true, y_pred)
     metrics = {
         "method": method,
+        **_selection(layout, method),
         "teacher": {k: teacher[k] for k in ("val_accuracy", "test_accuracy")},
         "student": results[method],
         "ce_only": results["ce"],

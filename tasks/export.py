@@ -104,6 +104,12 @@ def export_student(layout: Layout, params: Params) -> dict:
         "file": layout.onnx.name,
         "sha256": sha256_file(layout.onnx),
         "method": method,
+        **({"chosen": metrics["chosen"]} if "chosen" in metrics else {}),
+        **(
+            {"candidates_val_accuracy": metrics["candidates_val_accuracy"]}
+            if "candidates_val_accuracy" in metrics
+            else {}
+        ),
         "paper": "arXiv:2606.10504 (ICML 2026)",
         "classes": classes,
         "modality": dataset.meta.modality,

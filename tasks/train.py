@@ -15,9 +15,10 @@ from cmkd_core.bank import TeacherBank, load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data import ModalityDataset, atomic_path, check_dataset
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
+from cmkd_core.distill.auto import candidates, choose
 from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
 from cmkd_core.export import sha256_file
-from cmkd_core.models.checkpoint import save_classifier
+from cmkd_core.models.checkpoint import load_classifier, save_classifier
 from cmkd_core.teachers import bank_from_embeddings, bank_from_module, bank_from_onnx
 from tasks.data import write_json
 from tasks.layout import Layout
@@ -154,3 +155,40 @@ def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
         summary["best_epoch"],
     )
     return summary
+
+
+@task(name="plan-candidates", cache_policy=NONE)
+def plan_candidates(layout: Layout, params: DistillParams) -> list[str]:
+    """The students this run trains: ``auto``'s candidates (``ce`` first, ``sinkhorn_ssl``
+    only with unlabelled student train samples, ``hinton_kd`` only when paired), or the
+    configured method and the CE-only baseline."""
+    if params.method != "auto":
+        return [params.method] if params.method == "ce" else [params.method, "ce"]
+    dataset = check_dataset(layout.student_data)
+    train = len(dataset.rows("train"))
+    labelled = len(dataset.rows("train", labelled_only=True))
+    return candidates(labelled < train, params.pairing == "paired")
+
+
+@task(name="select-student", cache_policy=NONE)
+def select_student(layout: Layout, summaries: dict[str, dict]) -> dict:
+    """``auto``: keep the candidate with the best validation accuracy (ties: ``ce``) as
+    ``student_auto``, its history as ``history_auto``, and the choice with every candidate's
+    validation accuracy in ``selection.json``. Test data is not read."""
+    scores = {name: summary["val_accuracy"] for name, summary in summaries.items()}
+    chosen = choose(scores)
+    selection = {
+        "method": "auto",
+        "chosen": chosen,
+        "candidates": scores,
+        "margin_over_ce_val": scores[chosen] - scores["ce"],
+    }
+    model, spec, info = load_classifier(layout.student_weights(chosen))
+    save_classifier(model, spec, layout.student_weights("auto"), {**info, "auto": selection})
+    history = json.loads(layout.history(chosen).read_text())
+    write_json(layout.history("auto"), {**history, "auto": selection})
+    write_json(layout.distill_dir / "selection.json", selection)
+    get_run_logger().info(
+        "auto: %s, val %.4f (ce %.4f)", chosen, scores[chosen], scores["ce"]
+    )
+    return selection

@@ -111,7 +111,7 @@ def test_nightly_deployment_runs_under_a_worker_and_a_second_run_is_a_no_op(tmp_
         assert state == "Completed", _tail(worker_log)
 
         metrics = json.loads((repo / "data" / "evaluate" / "metrics.json").read_text())
-        assert metrics["method"] == "joint" and 0.1 < metrics["student"]["test_accuracy"] <= 1
+        assert metrics["method"] == "auto" and 0.1 < metrics["student"]["test_accuracy"] <= 1
         onnx = repo / "data" / "export" / "student.onnx"
         assert onnx.stat().st_size > 0
         assert _runs_per_flow(url) == Counter({"pipeline": 1, **dict.fromkeys(STAGES, 1)})

@@ -45,7 +45,17 @@ def _api_url() -> str:
 
 def test_pipeline_flow_runs_every_stage_and_reports(pipeline_run, scratch_repo):
     metrics = pipeline_run["metrics"]
-    assert metrics["method"] == "joint"
+    assert metrics["method"] == "auto"
+    # auto trained every candidate (unlabelled clips exist: sinkhorn_ssl is one) and shipped
+    # the best on validation; the shipped student is that candidate's model.
+    scores = metrics["candidates_val_accuracy"]
+    assert list(scores) == ["ce", "joint", "joint_w0.1", "sinkhorn_ssl"]
+    assert scores[metrics["chosen"]] == max(scores.values())
+    assert metrics["student"]["val_accuracy"] == scores[metrics["chosen"]]
+    selection = json.loads((scratch_repo / "data" / "distill" / "selection.json").read_text())
+    assert selection["chosen"] == metrics["chosen"] and selection["candidates"] == scores
+    card = json.loads((scratch_repo / "data" / "export" / "model_card.json").read_text())
+    assert card["chosen"] == metrics["chosen"] and card["candidates_val_accuracy"] == scores
     for role in ("student", "ce_only"):
         assert 0.1 < metrics[role]["test_accuracy"] <= 1.0
         assert metrics[role]["n_test"] == 600 and metrics[role]["labelled_train"] == 100
