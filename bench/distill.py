@@ -12,7 +12,10 @@ clock starts; the step timed is the training loop's own (``train_step``: loss te
 clipping, AdamW, schedule), the device synchronised after each. Reports the median step time,
 the joint/CE ratio measured in the same run, the time to build a batch (the loading share),
 peak device memory, and on CUDA the share of the step the GPU is busy (kernel time over wall
-time, from the profiler). Prints a table and writes ``distill-DEVICE.json`` and ``.md``.
+time, from the profiler). Semi-supervised methods (``sinkhorn_ssl``, ``fixmatch``) also get an
+unlabelled batch of B clips, drawn from the train split, as weak and strong views, at a step
+past their warm-up; their cost is compared with CE's per sample processed (2B per step, B for
+the others). Prints a table and writes ``distill-DEVICE.json`` and ``.md``.
 
 The other sections (``bench/distill_sections.py``) write ``distill-solvers``,
 ``distill-teachers`` and ``distill-scaling`` ``.json``/``.md`` the same way.
@@ -35,6 +38,7 @@ import torch  # noqa: E402
 from cmkd_core.benchmark import build_bank, load_pair, teacher_key  # noqa: E402
 from cmkd_core.config import load_params  # noqa: E402
 from cmkd_core.data import write_text_atomic  # noqa: E402
+from cmkd_core.data.augment import input_kind, views_for  # noqa: E402
 from cmkd_core.data.samplers import ClassMatchedSampler  # noqa: E402
 from cmkd_core.data.tensors import samples_of  # noqa: E402
 from cmkd_core.distill.loop import train_step, warmup_cosine  # noqa: E402
@@ -54,6 +58,11 @@ def measure(method_name, params, student, bank, batch_size, steps, device, profi
     spec = student_spec(student, bank, params)
     model = new_model(spec, train, device, params.seed)
     method = create_method(method_name, params, bank).to(device)
+    views = None
+    if method.uses_views:
+        norm = model.encoder.norm
+        views = views_for(input_kind(train.inputs), norm.mean, norm.std)
+    late = params.ssl.start + params.ssl.ramp  # the unlabelled term at full weight
     weights = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(weights, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(10_000, 100))
@@ -66,7 +75,12 @@ def measure(method_name, params, student, bank, batch_size, steps, device, profi
         index = torch.randint(len(train), (batch_size,), generator=generator)
         inputs, labels = train.take(index)
         rows = bank_train[sampler.draw(labels.cpu(), generator)]
-        return Batch(inputs, labels, teacher_features=features[rows.to(device)])
+        batch = Batch(inputs, labels, teacher_features=features[rows.to(device)], step=late)
+        if views is not None:
+            plain = train.take(torch.randint(len(train), (batch_size,), generator=generator))[0]
+            batch.unlabelled = views.weak(plain, generator)
+            batch.unlabelled_strong = views.strong(plain, generator)
+        return batch
 
     load = []
     batches = []
@@ -89,8 +103,11 @@ def measure(method_name, params, student, bank, batch_size, steps, device, profi
         _sync(device)
         if i >= 3:  # the first steps warm up allocators and kernels
             times.append(time.perf_counter() - start)
+    samples = batch_size * (2 if views is not None else 1)
     result = {
         "step_ms": 1000 * statistics.median(times),
+        "samples_per_step": samples,
+        "us_per_sample": 1e6 * statistics.median(times) / samples,
         "load_ms": 1000 * statistics.median(load[3:]),
         "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20
         if device.type == "cuda"
@@ -139,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 256, 1024])
-    parser.add_argument("--methods", nargs="+", default=["ce", "joint"])
+    parser.add_argument("--methods", nargs="+", default=["ce", "joint", "sinkhorn_ssl", "fixmatch"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--solvers", action="store_true", help="OT solvers side by side")
@@ -157,21 +174,28 @@ def main(argv: list[str] | None = None) -> int:
         base = None
         for name in args.methods:
             r = measure(name, distill, student, bank, size, args.steps, device, profile=True)
-            base = base or r["step_ms"]
-            rows.append({"method": name, "batch": size, **r, "ratio_to_ce": r["step_ms"] / base})
+            base = base or r
+            ratios = {
+                "ratio_to_ce": r["step_ms"] / base["step_ms"],
+                "per_sample_ratio_to_ce": r["us_per_sample"] / base["us_per_sample"],
+            }
+            rows.append({"method": name, "batch": size, **r, **ratios})
             print(json.dumps(rows[-1]), flush=True)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = torch.get_num_threads()
     table = (
         f"Device: {label} (torch {torch.__version__}, {threads} CPU threads)\n\n"
-        "| method | batch | step ms | x CE step | batch build ms | peak MiB | GPU busy |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| method | batch | samples/step | step ms | x CE step | us/sample | x CE per sample "
+        "| batch build ms | peak MiB | GPU busy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         busy = f"{100 * r['gpu_busy']:.0f}%" if "gpu_busy" in r else "-"
         table += (
-            f"| {r['method']} | {r['batch']} | {r['step_ms']:.2f} | {r['ratio_to_ce']:.2f} "
+            f"| {r['method']} | {r['batch']} | {r['samples_per_step']} | {r['step_ms']:.2f} "
+            f"| {r['ratio_to_ce']:.2f} | {r['us_per_sample']:.1f} "
+            f"| {r['per_sample_ratio_to_ce']:.2f} "
             f"| {r['load_ms']:.2f} | {peak} | {busy} |\n"
         )
     out = Path(args.out)

@@ -2,9 +2,13 @@
 
 Every method of a cell sees the same splits, the same labelled samples (drawn per seed), the
 same epochs and the same selection rule (best validation accuracy); test is read once per run.
-Each teacher is trained once per pair and banked. A control run repeats a method with the
-teacher's classes shuffled by a fixed permutation that moves every class: a gain that survives
-the shuffle is regularisation, not knowledge from the teacher.
+Each teacher is trained once per pair and banked. Control runs repeat a method against a
+changed bank: ``shuffled`` (the teacher's classes moved by a fixed permutation: its geometry
+kept, its class semantics destroyed) and ``random_prototypes`` (each class's bank rows replaced
+by one random unit vector: the teacher's geometry gone, class proportions kept). ``auto`` is not
+trained: its record is the candidate (:mod:`cmkd_core.distill.auto`) with the best validation
+accuracy among the grid's runs of the same cell and seed, which is what the distill stage's
+``auto`` computes from the same runs (:mod:`cmkd_core.bench_summary`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-import pandas as pd
 import torch
-from scipy import stats
 
 from cmkd_core.align.measure import alignment
 from cmkd_core.bank import TeacherBank
@@ -34,6 +35,7 @@ from cmkd_core.data.defaults import (
     mnist_pair,
 )
 from cmkd_core.distill import accuracy_of, extract_bank, predict_logits
+from cmkd_core.distill.auto import base_method
 from cmkd_core.distill.methods import method_class
 from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.metrics import classification_report
@@ -53,6 +55,8 @@ class Grid:
     controls: tuple[str, ...]
     distill: DistillParams
     teacher: TeacherParams
+    prototype_controls: tuple[str, ...] = ()
+    """Methods also run against random class prototypes (:func:`random_prototype_bank`)."""
 
 
 def _in_memory(name: str, meta, manifest, arrays, labelled=None) -> ModalityDataset:
@@ -93,6 +97,31 @@ def shuffled_bank(bank: TeacherBank) -> TeacherBank:
     return replace(bank, labels=perm[bank.labels], head_weight=weight, head_bias=bias)
 
 
+def random_prototype_bank(bank: TeacherBank, seed: int = 0) -> TeacherBank:
+    """The control teacher without geometry: every bank row of class ``c`` becomes the same
+    random unit vector ``v_c`` (scaled to the bank's mean row norm); labels, class proportions
+    and head are kept."""
+    gen = torch.Generator().manual_seed(seed + 104729)
+    vectors = torch.nn.functional.normalize(
+        torch.randn(len(bank.classes), bank.features.shape[1], generator=gen), dim=1
+    )
+    scale = bank.features.float().norm(dim=1).mean()
+    features = (vectors[bank.labels] * scale).to(bank.features.dtype)
+    return replace(bank, features=features)
+
+
+CONTROLS = ("", "shuffled", "random_prototypes")
+
+
+def control_banks(bank: TeacherBank) -> dict[str, TeacherBank]:
+    """The bank of each control (:data:`CONTROLS`; ``""`` is the teacher itself)."""
+    return {
+        "": bank,
+        "shuffled": shuffled_bank(bank),
+        "random_prototypes": random_prototype_bank(bank),
+    }
+
+
 def with_budget(dataset: ModalityDataset, per_class: int | None, seed: int) -> ModalityDataset:
     """The same dataset with ``per_class`` labelled train samples per class drawn with ``seed``."""
     labels = dataset.labels(dataset.manifest)
@@ -110,7 +139,7 @@ class Run:
     seed: int
     pairing: str
     method: str
-    shuffled: bool
+    control: str
 
 
 class BankCache(Protocol):
@@ -138,8 +167,8 @@ def plan(grid: Grid, pairings: dict[str, tuple[str, ...]]) -> list[Run]:
         for budget in grid.budgets:
             for seed in grid.seeds:
                 for pairing in pairings[pair]:
-                    for method, shuffled in _runs(grid, pairing):
-                        runs.append(Run(len(runs), pair, budget, seed, pairing, method, shuffled))
+                    for method, control in _runs(grid, pairing):
+                        runs.append(Run(len(runs), pair, budget, seed, pairing, method, control))
     return runs
 
 
@@ -161,7 +190,7 @@ def run_one(run: Run, student: ModalityDataset, bank: TeacherBank, distill: Dist
         "budget": "all" if run.budget is None else run.budget,
         "seed": run.seed,
         "method": run.method,
-        "control": "shuffled" if run.shuffled else "",
+        "control": run.control,
         "test_accuracy": report["accuracy"],
         "test_macro_f1": report["macro_f1"],
         "val_accuracy": fitted.result.best_val_accuracy,
@@ -215,13 +244,13 @@ def run_grid(
     for runs in todo.values():
         runs.sort(key=lambda r: (r.budget is not None, -(r.budget or 0)))
 
-    banks: dict[str, tuple[TeacherBank, TeacherBank]] = {}
+    banks: dict[str, dict[str, TeacherBank]] = {}
     teachers: dict[str, dict] = {}
 
     def bank_ready(key: str, bank: TeacherBank, accuracy: float, trained: bool) -> list[Run]:
         if trained and cache is not None:
             cache.put(key, teacher_sets[key].root.name.strip("<>"), bank)
-        banks[key] = (bank, shuffled_bank(bank))
+        banks[key] = control_banks(bank)
         ready = []
         for pair in (p for p in grid.pairs if key_of_pair[p] == key):
             teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
@@ -230,8 +259,7 @@ def run_grid(
         return ready
 
     def args_of(run: Run) -> tuple:
-        bank, control = banks[key_of_pair[run.pair]]
-        return run, students[run.pair], control if run.shuffled else bank, grid.distill
+        return run, students[run.pair], banks[key_of_pair[run.pair]][run.control], grid.distill
 
     def finished(run: Run, record: dict) -> None:
         records[run.index] = record
@@ -286,137 +314,29 @@ def _key_of(item: Run | dict) -> tuple:
     """What identifies a run across files: pair, pairing, budget, seed, method, control."""
     if isinstance(item, Run):
         budget = "all" if item.budget is None else item.budget
-        control = "shuffled" if item.shuffled else ""
-        return item.pair, item.pairing, budget, item.seed, item.method, control
+        return item.pair, item.pairing, budget, item.seed, item.method, item.control
     return tuple(item[k] for k in ("pair", "pairing", "budget", "seed", "method", "control"))
 
 
-def _runs(grid: Grid, pairing: str) -> Iterable[tuple[str, bool]]:
+def _runs(grid: Grid, pairing: str) -> Iterable[tuple[str, str]]:
     for method in grid.methods:
-        cls = method_class(method)
+        if method == "auto":
+            continue  # derived from its candidates' runs (cmkd_core.bench_summary.with_auto)
+        cls = method_class(base_method(method))
         if cls.needs_pairs and pairing != "paired":
             continue  # paired-only baselines refuse unpaired data (tested separately)
         if pairing == "paired" and not cls.needs_teacher:
-            continue  # the CE-only student does not depend on pairing: run once, unpaired
-        yield method, False
-        if method in grid.controls and pairing == "unpaired":
-            yield method, True
+            continue  # teacher-free students do not depend on pairing: run once, unpaired
+        yield method, ""
+        if method in grid.controls and (pairing == "unpaired" or cls.needs_pairs):
+            yield method, "shuffled"
+        if method in grid.prototype_controls and pairing == "unpaired":
+            yield method, "random_prototypes"
 
 
 def _record_line(r: dict) -> str:
-    tag = f"{r['method']}{'+shuffled' if r['control'] else ''}"
+    tag = f"{r['method']}{'+' + r['control'] if r['control'] else ''}"
     return (
         f"  {r['pair']:<17} {r['pairing']:<8} budget={r['budget']!s:<4} seed={r['seed']} "
-        f"{tag:<20} test_acc={r['test_accuracy']:.4f} ({r['seconds']:.1f}s)"
+        f"{tag:<30} test_acc={r['test_accuracy']:.4f} ({r['seconds']:.1f}s)"
     )
-
-
-def _paired_delta(a: pd.Series, b: pd.Series) -> tuple[float, float | None]:
-    """Mean of ``a - b`` over seeds and the paired t-test p-value (None below 2 seeds)."""
-    joined = pd.concat([a, b], axis=1, join="inner").dropna()
-    if joined.empty:
-        return float("nan"), None
-    delta = float((joined.iloc[:, 0] - joined.iloc[:, 1]).mean())
-    if len(joined) < 2 or np.allclose(joined.iloc[:, 0], joined.iloc[:, 1]):
-        return delta, None
-    return delta, float(stats.ttest_rel(joined.iloc[:, 0], joined.iloc[:, 1]).pvalue)
-
-
-def summarise(records: list[dict]) -> list[dict]:
-    """One row per (pair, pairing, budget, method): mean and std over seeds, the paired gain
-    over ``ce`` and over the method's shuffled-teacher control, and seconds per run."""
-    df = pd.DataFrame(records)
-    ce = df[(df.method == "ce") & (df.control == "")].set_index(["pair", "budget", "seed"])
-    rows = []
-    keys = ["pair", "pairing", "budget", "method"]
-    for (pair, pairing, budget, method), group in df[df.control == ""].groupby(keys, sort=False):
-        acc = group.set_index("seed")["test_accuracy"]
-        base = (
-            ce.loc[(pair, budget)]["test_accuracy"] if (pair, budget) in ce.index else pd.Series()
-        )
-        gain_ce, p_ce = _paired_delta(acc, base)
-        ctrl = df[
-            (df.pair == pair)
-            & (df.pairing == pairing)
-            & (df.budget == budget)
-            & (df.method == method)
-            & (df.control == "shuffled")
-        ].set_index("seed")["test_accuracy"]
-        gain_ctrl, p_ctrl = _paired_delta(acc, ctrl) if len(ctrl) else (float("nan"), None)
-        rows.append(
-            {
-                "pair": pair,
-                "pairing": pairing,
-                "budget": budget,
-                "method": method,
-                "seeds": len(group),
-                "test_accuracy_mean": float(group.test_accuracy.mean()),
-                "test_accuracy_std": float(group.test_accuracy.std(ddof=1))
-                if len(group) > 1
-                else 0.0,
-                "test_macro_f1_mean": float(group.test_macro_f1.mean()),
-                "test_macro_f1_std": float(group.test_macro_f1.std(ddof=1))
-                if len(group) > 1
-                else 0.0,
-                "gain_over_ce": gain_ce,
-                "p_over_ce": p_ce,
-                "gain_over_shuffled": gain_ctrl,
-                "p_over_shuffled": p_ctrl,
-                "fa_distance": float(group.fa_distance.mean()),
-                "la_distance": float(group.la_distance.mean()),
-                "seconds_per_run": float(group.seconds.mean()),
-            }
-        )
-    return rows
-
-
-def _pts(value: float, p: float | None) -> str:
-    if value != value:  # NaN: no comparison for this row
-        return "-"
-    return f"{100 * value:+.2f}" + (f" (p={p:.2f})" if p is not None else "")
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The summary as a markdown table (accuracies in %, gains in points)."""
-    head = (
-        "| pair | pairing | labels/class | method | test acc % | macro-F1 % | gain vs shuffled "
-        "teacher (pts) | gain vs ce (pts) | FA dist | LA dist | s/run |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = [
-        f"| {r['pair']} | {r['pairing']} | {r['budget']} | {r['method']} "
-        f"| {100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
-        f"| {100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f} "
-        f"| {_pts(r['gain_over_shuffled'], r['p_over_shuffled'])} "
-        f"| {_pts(r['gain_over_ce'], r['p_over_ce'])} "
-        f"| {r['fa_distance']:.3f} | {r['la_distance']:.3f} | {r['seconds_per_run']:.1f} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
-
-
-def headline_table(rows: list[dict], methods: tuple[str, ...] = ("fa", "la", "joint")) -> str:
-    """One line per (pair, pairing, budget): the CE-only accuracy, then for each of
-    ``methods`` its gain over the shuffled-teacher control and over ``ce`` (points, paired over
-    seeds); ``-`` where the grid has no such run."""
-    cells: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        cells.setdefault((r["pair"], r["pairing"], r["budget"]), {})[r["method"]] = r
-    ce_acc = {(p, b): r["ce"] for (p, _, b), r in cells.items() if "ce" in r}
-    head = "| pair | pairing | labels/class | ce acc % |" + "".join(
-        f" {m} vs shuffled | {m} vs ce |" for m in methods
-    )
-    lines = [head, "|" + "---|" * (4 + 2 * len(methods))]
-    for (pair, pairing, budget), by_method in cells.items():
-        ce = ce_acc.get((pair, budget))
-        line = f"| {pair} | {pairing} | {budget} | "
-        line += f"{100 * ce['test_accuracy_mean']:.2f} |" if ce else "- |"
-        for m in methods:
-            r = by_method.get(m)
-            if r is None:
-                line += " - | - |"
-                continue
-            line += f" {_pts(r['gain_over_shuffled'], r['p_over_shuffled'])} |"
-            line += f" {_pts(r['gain_over_ce'], r['p_over_ce'])} |"
-        lines.append(line)
-    return "\n".join(lines) + "\n"

@@ -1,11 +1,13 @@
 """``cmkd bench``: the method benchmark, in this process (no Prefect server needed).
 
-Quick grid (about 15 minutes on 2 cores): digits->fsdd and mnist->mnist8x8 (paired and
-unpaired), every method, 5 and 10 labels per class, 3 seeds, shuffled-teacher controls for
-``la`` and ``joint``. Full grid: the three pairs, 5/10/20/all labels per class, 5 seeds,
-controls for ``fa``, ``la`` and ``joint``. Writes ``NAME.json`` (every run, the summary, the
-grid) and ``NAME.md`` (the table) under ``--out``, and prints the table; NAME is
-``methods-quick`` or ``methods`` unless ``--name`` says otherwise.
+Quick grid: digits->fsdd and mnist->mnist8x8 (paired and unpaired), the CE-only student,
+``fixmatch``, ``sinkhorn_ssl`` (with its shuffled and random-prototype controls), the paper's
+``joint`` at two weights, ``hinton_kd`` (with its shuffled control) and ``auto``, 5 and 10
+labels per class, 3 seeds. Full grid: the three pairs, every method and variant, 5/10/20/all
+labels per class, 5 seeds, shuffled controls for ``fa``, ``la``, ``joint``, ``sinkhorn_ssl``
+and ``hinton_kd`` and the random-prototype control for ``sinkhorn_ssl``. Writes ``NAME.json``
+(every run, the summary, the grid) and ``NAME.md`` (the table) under ``--out``, and prints the
+table; NAME is ``methods-quick`` or ``methods`` unless ``--name`` says otherwise.
 
 Teachers and runs go to ``--jobs`` worker processes (default: one per core). Each finished run
 is appended to ``NAME.runs.jsonl`` at once; with ``--resume`` the same command skips the runs
@@ -26,14 +28,23 @@ from pathlib import Path
 import yaml
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
-from cmkd_core.benchmark import PAIRS, Grid, markdown_table, run_grid, summarise
+from cmkd_core.bench_summary import markdown_table, summarise, with_auto
+from cmkd_core.benchmark import PAIRS, Grid, run_grid
 from cmkd_core.config import DistillParams, load_params
 from cmkd_core.data import write_text_atomic
+from cmkd_core.distill.auto import VARIANTS
 from cmkd_core.distill.methods import list_methods
 from tasks.layout import Layout
 
-CONTROLS = ("fa", "la", "joint")
-QUICK_CONTROLS = ("la", "joint")  # the quick grid drops fa's control to stay under 15 minutes
+CONTROLS = ("fa", "la", "joint", "sinkhorn_ssl", "hinton_kd")
+QUICK_METHODS = ("ce", "fixmatch", "sinkhorn_ssl", "joint", "joint_w0.1", "hinton_kd", "auto")
+QUICK_CONTROLS = ("sinkhorn_ssl", "hinton_kd")
+PROTOTYPE_CONTROLS = ("sinkhorn_ssl",)
+
+
+def all_methods() -> list[str]:
+    """Every registered method, the named variants and ``auto``."""
+    return [*list_methods(), *VARIANTS, "auto"]
 
 
 def grid_from(args: argparse.Namespace, layout: Layout) -> Grid:
@@ -55,10 +66,19 @@ def grid_from(args: argparse.Namespace, layout: Layout) -> Grid:
     distill = DistillParams.model_validate(raw)
     return Grid(
         pairs=tuple(pairs),
-        methods=tuple(args.methods or list_methods()),
+        methods=tuple(args.methods or (QUICK_METHODS if args.quick else all_methods())),
         budgets=tuple(None if b == "all" else int(b) for b in budgets),
         seeds=tuple(range(seeds)),
-        controls=QUICK_CONTROLS if args.quick else CONTROLS,
+        controls=tuple(
+            args.controls
+            if args.controls is not None
+            else QUICK_CONTROLS
+            if args.quick
+            else CONTROLS
+        ),
+        prototype_controls=tuple(
+            args.prototype_controls if args.prototype_controls is not None else PROTOTYPE_CONTROLS
+        ),
         distill=distill,
         teacher=params.teacher.model_copy(update={"device": "cpu"}),
     )
@@ -160,13 +180,14 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
             "seeds": grid.seeds,
             "budgets": ["all" if b is None else b for b in grid.budgets],
             "controls": grid.controls,
+            "prototype_controls": grid.prototype_controls,
             **settings,
         },
         "teachers": teachers,
         "resumed_runs": len(done),
         "wall_seconds": time.perf_counter() - start,
         "summary": rows,
-        "runs": records,
+        "runs": with_auto(records),
     }
     write_text_atomic(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")
     write_text_atomic(out / f"{name}.md", table)

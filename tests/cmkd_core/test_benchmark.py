@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cmkd_core.bank import TeacherBank
-from cmkd_core.benchmark import headline_table, markdown_table, shuffled_bank, summarise
+from cmkd_core.bench_summary import headline_table, markdown_table, summarise
+from cmkd_core.benchmark import shuffled_bank
 
 
 def test_shuffled_teacher_moves_every_class_and_its_head_with_it():
@@ -50,14 +51,23 @@ def test_summary_reports_mean_std_and_paired_gains():
     records = [_record("ce", s, a) for s, a in enumerate([0.60, 0.62, 0.64])]
     records += [_record("joint", s, a) for s, a in enumerate([0.65, 0.66, 0.70])]
     records += [_record("joint", s, a, "shuffled") for s, a in enumerate([0.64, 0.66, 0.69])]
-    rows = {r["method"]: r for r in summarise(records)}
+    summary = summarise(records)
+    rows = {r["method"]: r for r in summary if not r["control"]}
+    control = next(r for r in summary if r["control"] == "shuffled")
+    assert control["method"] == "joint" and control["test_accuracy_mean"] == pytest.approx(
+        0.6633333
+    )
+    assert (
+        control["gain_over_ce"] == pytest.approx(0.0433333) and control["gain_over_shuffled"] != 0
+    )
     joint = rows["joint"]
     assert joint["test_accuracy_mean"] == pytest.approx(0.67)
     assert joint["test_accuracy_std"] == pytest.approx(0.0264575, abs=1e-6)
     assert joint["gain_over_ce"] == pytest.approx(0.05)
     assert joint["gain_over_shuffled"] == pytest.approx(0.00666667, abs=1e-6)
     assert 0 < joint["p_over_ce"] < 0.05
-    assert rows["ce"]["gain_over_ce"] == 0 and rows["ce"]["p_over_ce"] is None
+    assert rows["ce"]["gain_over_ce"] != rows["ce"]["gain_over_ce"]  # NaN: not against itself
+    assert rows["ce"]["p_over_ce"] is None
     table = markdown_table(list(rows.values()))
     assert "| p | unpaired | 5 | joint | 67.00 ± 2.65 |" in table
     assert "+0.67" in table and "+5.00 (p=" in table
@@ -69,5 +79,34 @@ def test_headline_puts_each_cell_on_one_line_with_both_gains():
     records += [_record("la", s, a, "shuffled") for s, a in enumerate([0.62, 0.63, 0.65])]
     table = headline_table(summarise(records), methods=("fa", "la"))
     line = table.splitlines()[2]
-    assert line.startswith("| p | unpaired | 5 | 62.00 | - | - | +1.67 (p=")
-    assert "+3.00 (p=" in line and len(table.splitlines()) == 3
+    assert line.startswith("| p | unpaired | 5 | 62.00 | - | - | - | +3.00 (p=")
+    assert line.endswith("| - | +1.67 (p=0.13) |") and len(table.splitlines()) == 3
+
+
+def test_auto_is_derived_from_its_candidates_by_validation_accuracy():
+    val = {
+        "ce": [0.7, 0.8],
+        "joint": [0.9, 0.8],
+        "joint_w0.1": [0.6, 0.8],
+        "sinkhorn_ssl": [0.5, 0.8],
+    }
+    test = {
+        "ce": [0.1, 0.2],
+        "joint": [0.3, 0.4],
+        "joint_w0.1": [0.5, 0.6],
+        "sinkhorn_ssl": [0.7, 0.8],
+    }
+    records = []
+    for method in val:
+        for seed in (0, 1):
+            record = _record(method, seed, test[method][seed])
+            records.append({**record, "val_accuracy": val[method][seed]})
+    rows = {r["method"]: r for r in summarise(records)}
+    auto = rows["auto"]
+    # seed 0: joint has the best val (0.9), its test 0.3; seed 1: a tie, which goes to ce (0.2)
+    assert auto["test_accuracy_mean"] == pytest.approx(0.25)
+    assert auto["chosen"] == {"joint": 1, "ce": 1}
+    assert auto["gain_over_ce"] == pytest.approx(0.1)
+    # A cell that lacks a candidate gets no auto row.
+    partial = [r for r in records if r["method"] != "sinkhorn_ssl"]
+    assert "auto" not in {r["method"] for r in summarise(partial)}

@@ -1,0 +1,189 @@
+"""The benchmark's records summarised: ``auto`` from its candidates, gains, tables.
+
+Every summary row is one ``(pair, pairing, budget, method, control)``: a control
+(``shuffled``, ``random_prototypes``) is its own row. Gains are paired over seeds (mean of the
+per-seed differences, with a paired t-test): over the CE-only student, over the same method's
+two controls and over the teacher-free ``fixmatch`` baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from cmkd_core.distill.auto import candidates, choose
+
+GAINS = {
+    "gain_over_ce": "ce",
+    "gain_over_fixmatch": "fixmatch",
+    "gain_over_shuffled": "shuffled",
+    "gain_over_random_prototypes": "random_prototypes",
+}
+
+
+def with_auto(records: Iterable[dict]) -> list[dict]:
+    """``records`` plus one ``auto`` record per (pair, pairing, budget, seed) whose candidates
+    (:func:`cmkd_core.distill.auto.candidates`: sinkhorn_ssl where the budget leaves unlabelled
+    samples, hinton_kd where paired) all ran: a copy of the candidate chosen on validation
+    accuracy, with ``chosen``, every candidate's ``candidates_val`` and their summed seconds.
+    A candidate that does not use pairs may come from the unpaired run of the same cell."""
+    records = [r for r in records if r["method"] != "auto"]
+    index = {
+        (r["pair"], r["pairing"], r["budget"], r["seed"], r["method"]): r
+        for r in records
+        if r["control"] == ""
+    }
+    cells = dict.fromkeys((k[0], k[1], k[2], k[3]) for k in index)
+    derived = []
+    for pair, pairing, budget, seed in cells:
+        names = candidates(budget != "all", pairing == "paired")
+        found = {}
+        for name in names:
+            hit = index.get((pair, pairing, budget, seed, name))
+            hit = hit or index.get((pair, "unpaired", budget, seed, name))
+            if hit is not None and (hit["pairing"] == pairing or name != "hinton_kd"):
+                found[name] = hit
+        if len(found) < len(names):
+            continue
+        scores = {name: found[name]["val_accuracy"] for name in names}
+        chosen = choose(scores)
+        derived.append(
+            {
+                **found[chosen],
+                "pairing": pairing,
+                "method": "auto",
+                "chosen": chosen,
+                "candidates_val": scores,
+                "seconds": sum(r["seconds"] for r in found.values()),
+            }
+        )
+    return records + derived
+
+
+def _paired_delta(a: pd.Series, b: pd.Series) -> tuple[float, float | None]:
+    """Mean of ``a - b`` over seeds and the paired t-test p-value (None below 2 seeds)."""
+    joined = pd.concat([a, b], axis=1, join="inner").dropna()
+    if joined.empty:
+        return float("nan"), None
+    delta = float((joined.iloc[:, 0] - joined.iloc[:, 1]).mean())
+    if len(joined) < 2 or np.allclose(joined.iloc[:, 0], joined.iloc[:, 1]):
+        return delta, None
+    return delta, float(stats.ttest_rel(joined.iloc[:, 0], joined.iloc[:, 1]).pvalue)
+
+
+def _std(values: pd.Series) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per (pair, pairing, budget, method, control), ``auto`` included (see
+    :func:`with_auto`): mean and std over seeds, the paired gains of :data:`GAINS` (``nan``
+    where the grid has no such run; control rows get only the gain over ``ce``), the paper's two
+    alignment quantities and seconds per run; ``auto`` rows also count what it chose."""
+    df = pd.DataFrame(with_auto(records))
+    keys = ["pair", "pairing", "budget", "method", "control", "seed"]
+    acc = df.set_index(keys)["test_accuracy"].sort_index()
+
+    def series(pair, pairing, budget, method, control) -> pd.Series:
+        key = (pair, pairing, budget, method, control)
+        return acc.loc[key] if key in acc.index.droplevel("seed") else pd.Series(dtype=float)
+
+    rows = []
+    keys = ["pair", "pairing", "budget", "method", "control"]
+    for (pair, pairing, budget, method, control), group in df.groupby(keys, sort=False):
+        mine = group.set_index("seed")["test_accuracy"]
+        refs = {
+            "gain_over_ce": series(pair, "unpaired", budget, "ce", ""),
+            "gain_over_fixmatch": series(pair, "unpaired", budget, "fixmatch", ""),
+            "gain_over_shuffled": series(pair, pairing, budget, method, "shuffled"),
+            "gain_over_random_prototypes": series(
+                pair, pairing, budget, method, "random_prototypes"
+            ),
+        }
+        row = {
+            "pair": pair,
+            "pairing": pairing,
+            "budget": budget,
+            "method": method,
+            "control": control,
+            "seeds": len(group),
+            "test_accuracy_mean": float(group.test_accuracy.mean()),
+            "test_accuracy_std": _std(group.test_accuracy),
+            "test_macro_f1_mean": float(group.test_macro_f1.mean()),
+            "test_macro_f1_std": _std(group.test_macro_f1),
+            "val_accuracy_mean": float(group.val_accuracy.mean()),
+        }
+        for name, ref in refs.items():
+            skip = len(ref) == 0 or (control and name != "gain_over_ce")
+            skip = skip or (control == "" and method == GAINS[name])  # not against itself
+            gain, p = (float("nan"), None) if skip else _paired_delta(mine, ref)
+            row[name], row["p_" + name.removeprefix("gain_")] = gain, p
+        row["fa_distance"] = float(group.fa_distance.mean())
+        row["la_distance"] = float(group.la_distance.mean())
+        row["seconds_per_run"] = float(group.seconds.mean())
+        if method == "auto":
+            row["chosen"] = group.chosen.value_counts().to_dict()
+        rows.append(row)
+    return rows
+
+
+def _pts(value: float, p: float | None) -> str:
+    if value != value:  # NaN: no comparison for this row
+        return "-"
+    return f"{100 * value:+.2f}" + (f" (p={p:.2f})" if p is not None else "")
+
+
+def _name(row: dict) -> str:
+    return row["method"] + (f" [{row['control']}]" if row["control"] else "")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a markdown table (accuracies in %, gains in points)."""
+    head = (
+        "| pair | pairing | labels/class | method [control] | test acc % | macro-F1 % "
+        "| vs ce (pts) | vs fixmatch | vs shuffled | vs random prototypes | FA dist | LA dist "
+        "| s/run |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['pair']} | {r['pairing']} | {r['budget']} | {_name(r)} "
+        f"| {100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
+        f"| {100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f} "
+        + "".join(
+            f"| {_pts(r[g], r['p_' + g.removeprefix('gain_')])} "
+            for g in ("gain_over_ce", "gain_over_fixmatch", "gain_over_shuffled")
+        )
+        + f"| {_pts(r['gain_over_random_prototypes'], r['p_over_random_prototypes'])} "
+        f"| {r['fa_distance']:.3f} | {r['la_distance']:.3f} | {r['seconds_per_run']:.1f} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def headline_table(rows: list[dict], methods: tuple[str, ...] = ("sinkhorn_ssl", "auto")) -> str:
+    """One line per (pair, pairing, budget): the CE-only accuracy, then for each of
+    ``methods`` its gain over ``ce`` and over its controls (points); ``-`` where missing."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if not r["control"]:
+            cells.setdefault((r["pair"], r["pairing"], r["budget"]), {})[r["method"]] = r
+    ce_acc = {(p, b): r["ce"] for (p, _, b), r in cells.items() if "ce" in r}
+    gains = ("gain_over_ce", "gain_over_fixmatch", "gain_over_shuffled")
+    head = "| pair | pairing | labels/class | ce acc % |" + "".join(
+        f" {m} vs ce | {m} vs fixmatch | {m} vs shuffled |" for m in methods
+    )
+    lines = [head, "|" + "---|" * (4 + len(gains) * len(methods))]
+    for (pair, pairing, budget), by_method in cells.items():
+        ce = ce_acc.get((pair, budget))
+        line = f"| {pair} | {pairing} | {budget} | "
+        line += f"{100 * ce['test_accuracy_mean']:.2f} |" if ce else "- |"
+        for m in methods:
+            r = by_method.get(m)
+            for g in gains:
+                line += (
+                    " - |" if r is None else f" {_pts(r[g], r['p_' + g.removeprefix('gain_')])} |"
+                )
+        lines.append(line)
+    return "\n".join(lines) + "\n"
