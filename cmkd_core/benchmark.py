@@ -153,7 +153,7 @@ class BankCache(Protocol):
 def teacher_key(dataset: ModalityDataset, params: TeacherParams) -> str:
     """A hash of what decides a trained teacher: its params, manifest and arrays. Pairs that
     share a teacher dataset share the key, hence one training."""
-    digest = hashlib.sha256(params.model_dump_json().encode())
+    digest = hashlib.sha256(params.model_dump_json(exclude={"threads"}).encode())
     digest.update(dataset.manifest.to_csv(index=False).encode())
     for name in sorted(dataset.arrays):
         digest.update(dataset.arrays[name].tobytes())

@@ -63,6 +63,10 @@ class TeacherParams(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     device: str = "auto"
+    threads: int = Field(2, ge=1)
+    """CPU threads torch uses for this stage. Fixed, so that one machine gives one answer
+    whatever ``OMP_NUM_THREADS`` says (float sums are grouped by thread count); results can
+    still differ in the last digits across CPU kinds and torch builds."""
 
 
 class OTParams(_Strict):
@@ -145,6 +149,8 @@ class DistillParams(_Strict):
     ssl: SSLParams = SSLParams()
     seed: int = 0
     device: str = "auto"
+    threads: int = Field(2, ge=1)
+    """CPU threads torch uses for this stage (see ``teacher.threads``)."""
     amp: Literal["auto", "off", "bf16"] = "auto"
     """Mixed precision of the training step: bf16 autocast (``auto``: on CUDA only). The OT
     of feature alignment always runs in float32; the weights stay float32."""

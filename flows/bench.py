@@ -113,9 +113,11 @@ class FileBankCache:
 
 
 def _settings(grid: Grid) -> dict:
+    """What identifies the grid's runs; ``threads`` is left out (each benchmark worker runs
+    one thread whatever the params say)."""
     return {
-        "distill": grid.distill.model_dump(mode="json"),
-        "teacher": grid.teacher.model_dump(mode="json"),
+        "distill": grid.distill.model_dump(mode="json", exclude={"threads"}),
+        "teacher": grid.teacher.model_dump(mode="json", exclude={"threads"}),
     }
 
 

@@ -49,6 +49,7 @@ def clear_checkpoints(layout: Layout, stage: str) -> None:
 def train_teacher(layout: Layout, params: TeacherParams) -> dict:
     """Train the teacher, extract the bank, write weights, bank and metrics."""
     logger = get_run_logger()
+    torch.set_num_threads(params.threads)
     dataset = check_dataset(layout.teacher_data)
     if params.source != "train":
         return _given_teacher(layout, params, dataset)
@@ -134,6 +135,7 @@ def write_student(
 @task(name="distill-student", cache_policy=NONE)
 def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
     """Train one student with ``method`` from the bank; write weights and history."""
+    torch.set_num_threads(params.threads)
     device = resolve_device(params.device)
     bank = load_bank(layout.bank)
     dataset = check_dataset(layout.student_data, classes=bank.classes)
