@@ -100,6 +100,11 @@ class SSLParams(_Strict):
     """sinkhorn_ssl: entropic regularisation of the balanced assignment to classes."""
     iterations: int = Field(50, ge=1)
     """sinkhorn_ssl: Sinkhorn iterations of that assignment."""
+    center: bool = False
+    """sinkhorn_ssl: subtract the bank's mean before normalising the class means. Teacher
+    features after a ReLU share a large common component (class means of the default teacher
+    are at cosine 0.68 to each other); centred, they spread as a simplex would (-0.11) and keep
+    their relative geometry (an ablation in docs/results.md)."""
 
 
 class DistillParams(_Strict):

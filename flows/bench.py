@@ -30,7 +30,7 @@ import yaml
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.bench_summary import markdown_table, summarise, with_auto
 from cmkd_core.benchmark import PAIRS, Grid, run_grid
-from cmkd_core.config import DistillParams, load_params
+from cmkd_core.config import DistillParams, TeacherParams, load_params
 from cmkd_core.data import write_text_atomic
 from cmkd_core.distill.auto import VARIANTS
 from cmkd_core.distill.methods import list_methods
@@ -121,6 +121,19 @@ def _settings(grid: Grid) -> dict:
     }
 
 
+def _same_settings(stored: dict, settings: dict) -> bool:
+    """Whether a runs-file entry was made with ``settings``. A key the stored params lack (it
+    did not exist yet) counts as its default, which keeps the behaviour it had then."""
+    try:
+        return all(
+            model.model_validate(stored[section]).model_dump(mode="json", exclude={"threads"})
+            == settings[section]
+            for section, model in (("distill", DistillParams), ("teacher", TeacherParams))
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def _done_runs(path: Path, settings: dict) -> list[dict]:
     """Records already in the runs file that were made with ``settings`` (others are ignored:
     a changed param means a different experiment). A torn last line (a kill mid-write) is
@@ -133,7 +146,7 @@ def _done_runs(path: Path, settings: dict) -> list[dict]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if entry.get("settings") == settings:
+        if isinstance(entry, dict) and _same_settings(entry.get("settings", {}), settings):
             done.append(entry["record"])
     return done
 

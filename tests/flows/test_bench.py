@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import yaml
 
+from cmkd_core.config import DistillParams, TeacherParams
+from flows.bench import _same_settings
 from flows.cli import main
 
 
@@ -65,3 +68,17 @@ def test_bench_runs_in_workers_then_resumes_without_training_again(
     assert afresh["resumed_runs"] == 0
     assert [(r["seed"], r["method"], r["control"]) for r in afresh["runs"]] == keys
     assert len(runs_file.read_text().splitlines()) == 6
+
+
+def test_runs_made_before_a_param_existed_count_as_made_with_its_default():
+    now = {
+        "distill": DistillParams().model_dump(mode="json", exclude={"threads"}),
+        "teacher": TeacherParams().model_dump(mode="json", exclude={"threads"}),
+    }
+    older = copy.deepcopy(now)
+    del older["distill"]["ssl"]["center"], older["distill"]["min_steps"]
+    assert _same_settings(older, now)
+    older["distill"]["ssl"]["temperature"] = 0.2
+    assert not _same_settings(older, now)
+    assert not _same_settings({"distill": {"no_such_key": 1}}, now)
+    assert not _same_settings({}, now)

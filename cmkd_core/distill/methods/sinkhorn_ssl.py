@@ -31,15 +31,17 @@ from cmkd_core.distill.methods.registry import register_method
 from cmkd_core.models import Classifier
 
 
-def class_prototypes(bank: TeacherBank) -> tuple[torch.Tensor, torch.Tensor]:
+def class_prototypes(bank: TeacherBank, center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised class means ``(C, d_T)`` and class proportions ``(C,)`` of the bank's train
-    rows."""
+    rows; ``center`` subtracts the mean of those rows first."""
     keep = bank.split("train")
     labels, features = bank.labels[keep], bank.features[keep].float()
     num = len(bank.classes)
     counts = torch.bincount(labels, minlength=num).float()
     sums = torch.zeros(num, features.shape[1]).index_add_(0, labels, features)
     means = sums / counts.clamp_min(1)[:, None]
+    if center:
+        means = means - features.mean(0)
     return F.normalize(means, dim=1), counts / counts.sum()
 
 
@@ -53,7 +55,7 @@ class SinkhornSSL(Method):
     def __init__(self, params: DistillParams, bank: TeacherBank | None = None):
         super().__init__(params, bank)
         assert bank is not None
-        prototypes, proportions = class_prototypes(bank)
+        prototypes, proportions = class_prototypes(bank, params.ssl.center)
         self.register_buffer("prototypes", prototypes)
         self.register_buffer("proportions", proportions)
 
