@@ -1,6 +1,10 @@
 """Banks from teachers the pipeline did not train: an ONNX model, a torch module named by
 import path, or embeddings the user already has plus the head's weights.
 
+Every bank's classes are the teacher dataset's ``classes``, in that order (for imported data
+the natural order of :func:`cmkd_core.data.contract.class_order`): a given head's row ``i``
+must be the logit of class ``i``.
+
 The ONNX teacher takes the contract's inputs (``x``, and ``lengths`` for sequences) and gives
 two named outputs: the features that feed its final linear layer, and the logits. The bank
 needs that layer's weights; they are recovered by least squares on the train rows (logits =
@@ -188,17 +192,38 @@ def bank_from_module(
 
 
 def bank_from_embeddings(
-    embeddings: str | Path, head: str | Path, dataset: ModalityDataset
+    embeddings: str | Path | None, head: str | Path, dataset: ModalityDataset
 ) -> tuple[TeacherBank, dict[str, float]]:
     """Embeddings the user already has, ``(N, d)`` in manifest order (``.npy``), and the
-    teacher head's ``weight (C, d)`` and ``bias (C,)`` (safetensors)."""
-    embeddings, head = Path(embeddings), Path(head)
-    try:
-        features = np.load(embeddings, allow_pickle=False).astype(np.float64)
-    except Exception as exc:  # truncated, corrupt or pickled
-        raise BankError(f"{embeddings}: not a readable .npy array: {exc}") from None
-    if features.ndim != 2:
-        raise BankError(f"{embeddings}: shape {features.shape}, expected (samples, features)")
+    teacher head's ``weight (C, d)`` and ``bias (C,)`` (safetensors), whose rows follow
+    ``dataset.meta.classes``.
+
+    With ``embeddings`` ``None`` the samples of ``dataset`` are the embeddings: a fixed-size
+    dataset of sample shape ``(d,)`` (what ``cmkd import arrays`` writes from an ``(N, d)``
+    array and a table of labels and splits), so they are stored once and nothing else about the
+    teacher's modality is needed.
+    """
+    head = Path(head)
+    if embeddings is None:
+        meta = dataset.meta
+        if meta.kind != "fixed" or len(meta.sample_shape) != 1:
+            raise BankError(
+                f"{dataset.root}: {meta.kind} samples of shape {meta.sample_shape}; to be the "
+                "embeddings, the teacher dataset's samples must be fixed-size vectors (d,) "
+                "(cmkd import arrays EMBEDDINGS.npy LABELS.csv ...), or name an (N, d) .npy"
+            )
+        where = str(dataset.root)
+        features = dataset.fixed_arrays(dataset.manifest).astype(np.float64)
+        file = f"{dataset.root.name} (the teacher dataset's samples)"
+    else:
+        embeddings = Path(embeddings)
+        where, file = str(embeddings), embeddings.name
+        try:
+            features = np.load(embeddings, allow_pickle=False).astype(np.float64)
+        except Exception as exc:  # truncated, corrupt or pickled
+            raise BankError(f"{embeddings}: not a readable .npy array: {exc}") from None
+        if features.ndim != 2:
+            raise BankError(f"{embeddings}: shape {features.shape}, expected (samples, features)")
     try:
         tensors = load_file(str(head))
         weight, bias = tensors["weight"].double().numpy(), tensors["bias"].double().numpy()
@@ -206,5 +231,5 @@ def bank_from_embeddings(
         raise BankError(f"{head}: missing tensor {exc}; needs 'weight' and 'bias'") from None
     except Exception as exc:
         raise BankError(f"{head}: not a readable safetensors file: {exc}") from None
-    info = {"source": "embeddings", "file": embeddings.name, "head": head.name}
-    return _bank_from_outputs(str(embeddings), dataset, features, None, (weight, bias), info)
+    info = {"source": "embeddings", "file": file, "head": head.name}
+    return _bank_from_outputs(where, dataset, features, None, (weight, bias), info)

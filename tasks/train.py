@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from safetensors.torch import save_file
 
-from cmkd_core.bank import TeacherBank, load_bank, save_bank
+from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data import ModalityDataset, atomic_path, check_dataset
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
@@ -74,7 +74,9 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
 
 def _given_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
     """The bank from a teacher the user brings (``teacher.source``); ``teacher.safetensors``
-    then records the head and where the teacher came from (there are no trained weights)."""
+    then records the head and where the teacher came from (there are no trained weights).
+    ``teacher.embeddings`` naming a folder (``data/import/teacher``) means the teacher dataset's
+    own samples are the embeddings; ``teacher.model`` and the training settings are unused."""
     root = layout.root
     if params.source == "onnx":
         path = root / params.onnx
@@ -84,7 +86,18 @@ def _given_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
         bank, accuracy = bank_from_module(params.module, path, dataset, params.module_kwargs)
     else:
         path = root / params.embeddings
-        bank, accuracy = bank_from_embeddings(path, root / params.head, dataset)
+        if path.is_dir():  # the teacher dataset itself: its (d,) samples are the embeddings
+            named = path / "manifest.csv"
+            own = (dataset.root / "manifest.csv").read_bytes()
+            if not named.is_file() or named.read_bytes() != own:
+                raise BankError(
+                    f"{path}: teacher.embeddings names a folder that is not the teacher dataset "
+                    f"({dataset.root}); name that folder or an (N, d) .npy file"
+                )
+            path = dataset.root / dataset.manifest["file"].iloc[0]  # its array, for the digest
+            bank, accuracy = bank_from_embeddings(None, root / params.head, dataset)
+        else:
+            bank, accuracy = bank_from_embeddings(path, root / params.head, dataset)
     metrics = {
         "val_accuracy": accuracy["val"],
         "test_accuracy": accuracy["test"],
@@ -190,7 +203,5 @@ def select_student(layout: Layout, summaries: dict[str, dict]) -> dict:
     history = json.loads(layout.history(chosen).read_text())
     write_json(layout.history("auto"), {**history, "auto": selection})
     write_json(layout.distill_dir / "selection.json", selection)
-    get_run_logger().info(
-        "auto: %s, val %.4f (ce %.4f)", chosen, scores[chosen], scores["ce"]
-    )
+    get_run_logger().info("auto: %s, val %.4f (ce %.4f)", chosen, scores[chosen], scores["ce"])
     return selection

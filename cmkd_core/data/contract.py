@@ -15,14 +15,19 @@ A sample is the rows ``offset .. offset + length`` of the ``.npy`` file named in
 has shape ``(rows, *sample_shape)``; for ``kind == "sequence"`` (audio frames, token vectors)
 the array has shape ``(total_frames, *sample_shape)`` and a sample spans ``length`` frames.
 Labels are class names (strings); ``split`` is one of ``train``, ``val``, ``test``.
+
+``classes`` in ``dataset.json`` is ordered: class ``i`` is row ``i`` of a teacher head and
+column ``i`` of a student's logits. The importers write it in :func:`class_order` (the natural
+order of the names); a folder written by hand may use any order.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +43,29 @@ LABELLED = "labelled.csv"
 MANIFEST_COLUMNS = ("id", "label", "split", "file", "offset", "length")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def _natural_key(name: str, fold: bool) -> tuple:
+    """``name`` cut into text and digit runs; digit runs compare as numbers (``"2" < "10"``),
+    text runs as text, case-folded when ``fold``; a digit run sorts before a text run."""
+    parts = _DIGITS.split(name)  # text, digits, text, ...: digit runs at the odd positions
+    return tuple(
+        (0, int(part), "" if fold else part) if i % 2 else (1, 0, part.casefold() if fold else part)
+        for i, part in enumerate(parts)
+        if part
+    )
+
+
+def class_order(names: Iterable[str]) -> tuple[str, ...]:
+    """The distinct ``names`` in natural order: numbers inside names compared as numbers
+    (``"2"`` before ``"10"``, ``"c9"`` before ``"c10"``), text alphabetically ignoring case,
+    then case (``"Bag" < "bag"``) and leading zeros (``"01" < "1"``) as tie breaks.
+
+    The order of a dataset's ``classes`` written by the importers, hence of the teacher head's
+    rows and the student's logits; ``"0" .. "9"`` keeps its order.
+    """
+    return tuple(sorted(set(names), key=lambda n: (_natural_key(n, True), _natural_key(n, False))))
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,17 @@
   ``(N,)``: the same, for data that fit in memory.
 
 The table needs ``label``; ``id``, ``split`` (train/val/test) and ``pair`` (the id of the paired
-sample of the other modality) are optional. A ``.npy`` is read and copied in chunks of at most
-``chunk`` samples and 16 MB, so the arrays need not fit in memory (``bench/stream.py`` shows the
-peak staying flat for 10x the data). The folder is written under a staging name, validated,
-then renamed: a failure leaves nothing under ``out``.
+sample of the other modality) are optional. Labels are taken as written (``"03"`` and ``"3"``
+are two classes); one with leading or trailing whitespace is refused. The class list is the
+labels in :func:`~cmkd_core.data.contract.class_order` (natural order), the order a teacher
+head's rows follow. The samples must be float32 (other dtypes are refused, never cast) and
+finite; every non-finite sample is reported (the first ``validate.MAX_REPORTED`` by row, then a
+count).
+
+A ``.npy`` is read and copied in chunks of at most ``chunk`` samples and 16 MB, so the arrays
+need not fit in memory (``bench/stream.py`` shows the peak staying flat for 10x the data). The
+folder is written under a staging name, validated, then renamed: a failure leaves nothing
+under ``out``.
 """
 
 from __future__ import annotations
@@ -25,14 +32,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cmkd_core.data.contract import DataContractError, DatasetMeta, Problem, write_dataset
+from cmkd_core.data.contract import (
+    DataContractError,
+    DatasetMeta,
+    Problem,
+    class_order,
+    write_dataset,
+)
 from cmkd_core.data.defaults import labelled_subset, stratified_splits
 from cmkd_core.data.npyio import NpyRows, NpyWriter
-from cmkd_core.data.validate import check_dataset
+from cmkd_core.data.validate import MAX_REPORTED, check_dataset, finite_problems
 from cmkd_core.frontend import AudioError, AudioFrontEnd, ImageError, ImageFrontEnd, read_wav
 
 SAMPLES = "samples.npy"
 CHUNK_BYTES = 1 << 24
+TEXT_COLUMNS = ("label", "id", "split", "pair")
 
 
 def _fail(file: Path, column: str, row: object, check: str, detail: str) -> DataContractError:
@@ -49,23 +63,41 @@ def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise _fail(path, "-", "-", "exists", "no such file")
     try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:  # text columns as written: no "3 " -> 3 or "03" -> 3 by number parsing
+            table = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
     except Exception as exc:  # pandas raises many types for unreadable files
         raise _fail(path, "-", "-", "readable", str(exc)) from None
     if "label" not in table.columns:
         raise _fail(path, "label", "-", "required", f"columns are {list(table.columns)}")
-    for column in ("label", "id", "split", "pair"):
+    for column in TEXT_COLUMNS:
         if column in table.columns:
             missing = table[column].isna().to_numpy().nonzero()[0]
             if len(missing):
                 raise _fail(path, column, int(missing[0]), "not_null", "empty value")
             table[column] = table[column].astype(str)
+    padded = np.nonzero((table["label"] != table["label"].str.strip()).to_numpy())[0]
+    if len(padded):
+        raise DataContractError(
+            [
+                Problem(
+                    str(path),
+                    "label",
+                    str(row),
+                    "no_surrounding_whitespace",
+                    f"{table['label'].iloc[row]!r} has leading or trailing whitespace",
+                )
+                for row in padded
+            ]
+        )
     return table
 
 
 def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
     """``(kind, sample_shape, lengths, reader)``; ``reader(i, j)`` returns rows ``i..j`` of the
-    frames (sequences) or samples (fixed) as float32."""
+    frames ``(j - i, F)`` (sequences) or samples ``(j - i, *sample_shape)`` (fixed), float32;
+    any other dtype is refused."""
     if not arrays.is_file():
         raise _fail(arrays, "-", "-", "exists", "no such file")
     try:
@@ -89,8 +121,16 @@ def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
         raise
     except Exception as exc:  # truncated, corrupt or pickled arrays
         raise _fail(arrays, "-", "-", "readable", f"not a readable array: {exc}") from None
-    if x.dtype.kind not in "fiu":
-        raise _fail(arrays, "-", "-", "dtype", f"{x.dtype} is not numeric")
+    if x.dtype.kind != "f" or x.dtype.itemsize != 4:  # float32 of either byte order
+        found = f"{x.dtype}" + ("" if x.dtype.kind in "fiub" else " (not numeric)")
+        raise _fail(
+            arrays,
+            "x" if arrays.suffix == ".npz" else "-",
+            "-",
+            "dtype",
+            f"found {found}, expected float32; import never casts: convert with "
+            "arr.astype(np.float32) (after checking the values survive it) and save again",
+        )
     if lengths is None:
         if len(x) != len(table):
             raise _fail(labels, "-", len(x), "rows", f"{len(table)} rows for {len(x)} samples")
@@ -133,8 +173,9 @@ def import_arrays(
     table = read_table(labels)
     kind, shape, lengths, read = _sources(arrays, table, labels)
     label_values = table["label"].to_numpy()
-    classes = sorted(set(label_values), key=lambda c: (len(c), c))
-    index = np.array([classes.index(c) for c in label_values])
+    classes = class_order(label_values)
+    position = {c: i for i, c in enumerate(classes)}
+    index = np.array([position[c] for c in label_values])
     if "split" in table.columns:
         splits = table["split"].to_numpy()
         bad = np.nonzero(~np.isin(splits, ["train", "val", "test"]))[0]
@@ -175,16 +216,24 @@ def import_arrays(
         step = chunk if lengths is None else chunk * max(1, int(np.median(lengths)))
         row_bytes = 4 * int(np.prod(shape, dtype=np.int64))
         step = max(1, min(step, CHUNK_BYTES // max(1, row_bytes)))  # a block of <= 16 MB
+        ends = np.cumsum(counts)
+        shown: list[str] = []  # the first MAX_REPORTED non-finite samples, as rows to print
+        bad_samples, last = 0, -1
         with NpyWriter(staging / SAMPLES, np.float32, (rows, *shape)) as target:
             for start in range(0, rows, step):
                 block = np.asarray(read(start, start + step), dtype=np.float32)
                 bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]
-                if len(bad):
-                    row = start + int(bad[0])  # a sample, or a frame of sample ``sample``
-                    sample = np.searchsorted(np.cumsum(counts), row, "right")
-                    where = row if lengths is None else f"{sample} (frame {row})"
-                    raise _fail(arrays, "-", where, "finite", "NaN or inf values")
+                if len(bad):  # rows are samples, or frames of the samples ``sample``
+                    sample = np.searchsorted(ends, start + bad, "right")
+                    first = np.concatenate([[sample[0] != last], sample[1:] != sample[:-1]])
+                    room = MAX_REPORTED - len(shown)
+                    for row, i in zip(start + bad[first][:room], sample[first][:room], strict=True):
+                        shown.append(str(row) if lengths is None else f"{i} (frame {row})")
+                    bad_samples += int(first.sum())
+                    last = int(sample[-1])
                 target.write(block)
+        if bad_samples:
+            raise DataContractError(finite_problems(arrays, shown, bad_samples))
         write_dataset(staging, meta, manifest, {}, labelled)
         try:
             check_dataset(staging)

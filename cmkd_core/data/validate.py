@@ -31,6 +31,9 @@ from cmkd_core.data.contract import (
 )
 from cmkd_core.data.npyio import NpyRows
 
+MAX_REPORTED = 20
+"""Samples with NaN or inf named one by one in a report; the rest are counted."""
+
 
 class ManifestSchema(pa.DataFrameModel):
     """Columns of ``manifest.csv``; the class list is checked separately (it is per run)."""
@@ -137,12 +140,28 @@ def _array_problems(ds: ModalityDataset, where: str) -> list[Problem]:
             )
         finite = _finite_rows(safe_member(ds.root, name), len(array))  # type: ignore[arg-type]
         if not finite.all():
-            bad_rows = set(np.nonzero(~finite)[0].tolist())
-            for row, off, length in zip(sub.index, sub["offset"], sub["length"], strict=True):
-                if bad_rows.intersection(range(off, off + length)):
-                    problems.append(
-                        Problem(str(ds.root / name), "-", str(row), "finite", "NaN or inf values")
-                    )
+            bad_before = np.concatenate([[0], np.cumsum(~finite)])  # non-finite rows before i
+            ends = np.minimum(sub["offset"] + sub["length"], len(array)).to_numpy()
+            starts = np.minimum(sub["offset"].to_numpy(), ends)
+            bad = sub.index[bad_before[ends] > bad_before[starts]]
+            problems += finite_problems(ds.root / name, [str(r) for r in bad])
+    return problems
+
+
+def finite_problems(
+    file: str | Path, rows: Sequence[str], total: int | None = None
+) -> list[Problem]:
+    """Problems for the samples ``rows`` (as printed; ``total`` of them in all, default
+    ``len(rows)``) that hold NaN or inf: the first :data:`MAX_REPORTED` one by one, each with the
+    total, then one problem that counts the rest."""
+    total = len(rows) if total is None else total
+    what = f"NaN or inf values ({total} sample{'s' if total != 1 else ''} with them in all)"
+    problems = [Problem(str(file), "-", row, "finite", what) for row in rows[:MAX_REPORTED]]
+    if total > len(problems):
+        more = total - len(problems)
+        problems.append(
+            Problem(str(file), "-", "-", "finite", f"and {more} more samples like these")
+        )
     return problems
 
 
@@ -254,4 +273,4 @@ def check_pair(teacher_root: str | Path, student_root: str | Path) -> tuple[Moda
     return tuple(found)
 
 
-__all__ = ["ManifestSchema", "check_dataset", "check_pair", "read_manifest"]
+__all__ = ["ManifestSchema", "check_dataset", "check_pair", "finite_problems", "read_manifest"]
