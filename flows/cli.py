@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +27,14 @@ import tasks  # noqa: F401  (Prefect's offline defaults, before Prefect is impor
 
 
 def summary_text(metrics: dict, onnx: str) -> str:
-    """Human-readable result of a run: teacher, student and CE-only test accuracy."""
+    """Human-readable result of a run: teacher, student and CE-only test accuracy. The labelled
+    budget is worded by ``metrics["student"]["modality"]`` (clips for audio or video, images)
+    or ``["kind"]`` (sequences) where present, else as samples."""
     student, ce = metrics["student"], metrics["ce_only"]
+    modality = str(student.get("modality", "")).lower()
+    samples = {"audio": "clips", "speech": "clips", "video": "clips", "image": "images"}.get(
+        modality, {"sequence": "sequences"}.get(student.get("kind", ""), "samples")
+    )
     gain = 100 * metrics["gain_over_ce"]["test_accuracy"]
     method = metrics["method"]
     if "chosen" in metrics:
@@ -54,14 +61,15 @@ def summary_text(metrics: dict, onnx: str) -> str:
             f"  CE-only student (same budget)    test accuracy {ce['test_accuracy']:.4f}"
             f"   macro-F1 {ce['test_macro_f1']:.4f}",
             f"  distillation vs CE-only on test: {gain:+.2f} points"
-            f" ({student['labelled_train']} labelled student clips)",
+            f" ({student['labelled_train']} labelled student {samples})",
             f"  ONNX student: {onnx}",
         ]
     )
 
 
 def bank_text(facts: dict) -> str:
-    """``cmkd bank inspect`` for people: size, classes with rows per split, val accuracy."""
+    """``cmkd bank inspect`` for people: size, the class order (row ``i`` of the teacher head
+    and logit ``i`` of a student are ``classes[i]``), rows per class and split, val accuracy."""
     counts = facts["counts"]
     lines = [
         f"teacher bank: {facts['rows']} rows, {facts['feature_dim']}-d features, "
@@ -69,6 +77,8 @@ def bank_text(facts: dict) -> str:
         f"  teacher head accuracy on the bank's val rows: {facts['val_accuracy']:.4f}"
         if facts["val_accuracy"] is not None
         else "  no val rows",
+        "  class order (head rows): "
+        + " ".join(f"{i}={c}" for i, c in enumerate(facts["classes"])),
         "  class       train    val   test",
     ]
     for c in facts["classes"]:
@@ -111,13 +121,18 @@ def _deploy(args: argparse.Namespace) -> int:
     except (InputError, ModelError) as exc:
         print(f"cmkd: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        rows = [{"input": n, **p.as_json()} for (n, _), p in zip(named, predictions, strict=True)]
-        print(json.dumps(rows, indent=1))
-        return 0
-    for (name, _), p in zip(named, predictions, strict=True):
-        probs = " ".join(f"{c}:{v:.3f}" for c, v in p.probabilities.items())
-        print(f"{name}\t{p.label}\t{p.probabilities[p.label]:.3f}\t{probs}")
+    try:
+        if args.json:
+            pairs = zip(named, predictions, strict=True)
+            print(json.dumps([{"input": n, **p.as_json()} for (n, _), p in pairs], indent=1))
+        else:
+            for (name, _), p in zip(named, predictions, strict=True):
+                probs = " ".join(f"{c}:{v:.3f}" for c, v in p.probabilities.items())
+                print(f"{name}\t{p.label}\t{p.probabilities[p.label]:.3f}\t{probs}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (``| head``): stop quietly, as cat or grep do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     return 0
 
 

@@ -69,26 +69,42 @@ def _learning_curves(histories: dict[str, list[dict]], plots: Path) -> None:
     _save_png(fig, plots / "learning_curves.png")
 
 
-def _confusion(y_true, y_pred, classes: list[str], method: str, plots: Path) -> None:
+def _confusion(y_true, y_pred, classes: list[str], method: str, plots: Path) -> plt.Figure:
+    """Write ``confusion.csv`` (one row per test sample: actual, predicted) and
+    ``confusion.png`` from the labels ``y_true`` and ``y_pred`` (both ``(n,)`` class indices);
+    return the (closed) figure. The figure grows with the number of classes and the longest
+    name, and names longer than two characters are written at 45 degrees on the x axis, right
+    end under their column, so that long names do not overlap."""
     rows = [
         {"actual": classes[t], "predicted": classes[p]} for t, p in zip(y_true, y_pred, strict=True)
     ]
     write_text_atomic(plots / "confusion.csv", _csv(rows))
     matrix = confusion_matrix(y_true, y_pred, len(classes))
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    longest = max((len(c) for c in classes), default=1)
+    side = max(3.5, 0.42 * len(classes))  # inches of matrix: ~0.42 per class
+    names = 0.075 * longest  # inches a name takes at font size 8
+    fig, ax = plt.subplots(figsize=(side + names + 1.5, side + 0.75 * names + 1.2))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in ((ij, matrix[ij]) for ij in zip(*matrix.nonzero(), strict=True)):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
     ax.set(
         xticks=range(len(classes)),
         yticks=range(len(classes)),
-        xticklabels=classes,
-        yticklabels=classes,
         xlabel="predicted",
         ylabel="actual",
         title=f"Test confusion matrix ({method} student)",
     )
+    rotation = 45 if longest > 2 else 0
+    ax.set_xticklabels(
+        classes,
+        rotation=rotation,
+        ha="right" if rotation else "center",
+        rotation_mode="anchor",
+        fontsize=8,
+    )
+    ax.set_yticklabels(classes, fontsize=8)
     _save_png(fig, plots / "confusion.png")
+    return fig
 
 
 def _feature_map(bank, dataset, models: dict, plots: Path, per_class: int = 60) -> None:
@@ -154,6 +170,8 @@ def evaluate_students(layout: Layout, method: str) -> dict:
             "val_accuracy": info["val_accuracy"],
             "best_epoch": info["best_epoch"],
             "labelled_train": info["labelled_train"],
+            "modality": dataset.meta.modality,
+            "kind": dataset.meta.kind,
             "n_test": report["n"],
             **alignment(model, bank, dataset),
         }
