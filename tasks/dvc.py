@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -86,16 +87,51 @@ def pull(root: Path) -> bool:
     return _with_remote(root, "pull", "--allow-missing")
 
 
+def _paths(entries: list) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries]
+
+
+def with_downstream(changed: list[str], spec: dict) -> list[str]:
+    """``changed`` stages and every stage that reads an output of one of them, transitively,
+    in the order of ``spec`` (a parsed ``dvc.yaml``). ``dvc status`` lists only the stages whose
+    own inputs changed; those downstream of them run as well."""
+    stages = spec.get("stages", {})
+    outs = {
+        name: _paths(stage.get("outs", []) + stage.get("metrics", []))
+        for name, stage in stages.items()
+    }
+    result = set(changed)
+    grew = True
+    while grew:
+        grew = False
+        for name, stage in stages.items():
+            if name in result:
+                continue
+            deps = _paths(stage.get("deps", []))
+            produced = [o.rstrip("/") for r in result for o in outs.get(r, [])]
+            if any(d == o or d.startswith(o + "/") for d in deps for o in produced):
+                result.add(name)
+                grew = True
+    return [name for name in stages if name in result]
+
+
 @task(name="dvc-status", cache_policy=NONE)
 def stale_stages(root: Path) -> list[str]:
-    """The stages whose own dependencies, parameters or outputs changed (``dvc status``);
-    empty when the workspace matches ``dvc.lock``: nothing to do."""
+    """The stages that will run, in ``dvc.yaml`` order: those whose own dependencies,
+    parameters or outputs changed (``dvc status``) and those downstream of them; empty when
+    the workspace matches ``dvc.lock``: nothing to do."""
     done = _dvc_quiet(root, "status", "--json")
     if done.returncode != 0:
         raise StageFailedError(f"`dvc status` exited {done.returncode} in {root}: {done.stderr}")
-    report = json.loads(done.stdout or "{}")
-    get_run_logger().info("stale: %s", ", ".join(sorted(report)) or "nothing")
-    return sorted(name.split(":")[-1] for name in report)
+    changed = sorted(name.split(":")[-1] for name in json.loads(done.stdout or "{}"))
+    stale = with_downstream(changed, yaml.safe_load((root / "dvc.yaml").read_text()))
+    after = [s for s in stale if s not in changed]
+    get_run_logger().info(
+        "stale: %s%s",
+        ", ".join(s for s in stale if s in changed) or "nothing",
+        f" (and downstream of them: {', '.join(after)})" if after else "",
+    )
+    return stale
 
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=2, cache_policy=NONE)
