@@ -246,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     roots = (run, stage, show, bench, importer, layout_parser, bank, seeds, server, deployer)
     for p in (*roots, worker):
         p.add_argument("--root", default=".", help="project root (default: .)")
+    for p in (run, stage):
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="show Prefect's and DVC's logs live, and a failure's traceback",
+        )
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.command in ("predict", "serve"):
@@ -263,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(Path(args.root))
     try:
         if args.command == "stage":
+            from flows.console import quiet_tracebacks
             from flows.stages import STAGES
 
+            if not args.verbose:
+                quiet_tracebacks()
             _run_flow(STAGES[args.name], root=args.root)
             return 0
         if args.command == "bank":
@@ -334,9 +344,17 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_benchmark(args, layout)
         if args.command == "run":
+            from flows.console import run_console
             from flows.pipeline import pipeline
+            from tasks.dvc import StageFailedError
 
-            result = _run_flow(pipeline, root=args.root)
+            log = run_console(layout.logs, args.verbose)
+            print(f"cmkd run: stage, outcome, seconds (full log: {log})", flush=True)
+            try:
+                result = _run_flow(pipeline, root=args.root)
+            except StageFailedError as exc:
+                print(f"cmkd: {exc}\n  full log: {log}", file=sys.stderr)
+                return exc.exit_code
             if result["nothing_to_do"]:
                 print("cmkd: nothing to do, every stage is up to date; the last results:")
             print(summary_text(result["metrics"], result["onnx"]))
@@ -345,11 +363,25 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_text(metrics, str(layout.onnx)))
         return 0
     except (DataContractError, ParamsError, BankError) as exc:
-        print(f"cmkd: {exc}", file=sys.stderr)
-        return 2
+        return _failed(args, layout, str(exc), 2)
     except Exception as exc:
-        print(f"cmkd: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        return _failed(args, layout, f"{type(exc).__name__}: {exc}", 1)
+
+
+def _failed(args: argparse.Namespace, layout, message: str, code: int) -> int:
+    """Print the error once and return ``code``; a failed ``cmkd stage`` also leaves it in
+    ``.cmkd/last-error.json`` for the pipeline flow that ran it through DVC."""
+    print(f"cmkd: {message}", file=sys.stderr)
+    if args.command == "stage":
+        from cmkd_core.data import write_text_atomic
+
+        error = {"stage": args.name, "exit": code, "message": message}
+        write_text_atomic(layout.last_error, json.dumps(error) + "\n")
+    return code
 
 
 if __name__ == "__main__":

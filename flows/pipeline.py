@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from prefect import flow, get_client, get_run_logger
@@ -33,6 +34,46 @@ def _api_url() -> str | None:
     (and do not each start a temporary server)."""
     with get_client(sync_client=True) as client:
         return str(client.api_url)
+
+
+def headline(stage: str, root: Path) -> str:
+    """The number that says how a stage went, read from its outputs (``""`` if none)."""
+    layout = Layout(root)
+
+    def read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    if stage == "validate":
+        report = read(layout.validation_report)
+        sizes = [sum(report[r]["samples"].values()) for r in ("teacher", "student") if r in report]
+        return f"{sizes[0]} teacher and {sizes[1]} student samples" if len(sizes) == 2 else ""
+    if stage == "teacher":
+        acc = read(layout.teacher_metrics).get("test_accuracy")
+        return f"teacher test accuracy {acc:.4f}" if acc is not None else ""
+    if stage == "distill":
+        selection = read(layout.distill_dir / "selection.json")
+        if selection:
+            chosen = selection["chosen"]
+            return f"auto chose {chosen} (val {selection['candidates'][chosen]:.4f})"
+        return ""
+    if stage == "evaluate":
+        metrics = read(layout.metrics)
+        if metrics:
+            return (
+                f"student test accuracy {metrics['student']['test_accuracy']:.4f}, "
+                f"CE-only {metrics['ce_only']['test_accuracy']:.4f}"
+            )
+        return ""
+    if stage == "export":
+        card = read(layout.model_card)
+        diff = card.get("metrics", {}).get("onnx_max_abs_logit_diff")
+        return (
+            f"{layout.onnx.name}, max |logit diff| vs torch {diff:.1e}" if diff is not None else ""
+        )
+    return ""
 
 
 def _record(root: Path, record: dict) -> Path:
@@ -60,9 +101,15 @@ def pipeline(root: str = ".") -> dict:
     if stale:
         api_url = _api_url()
         for stage in STAGES:
+            start = time.perf_counter()
             outcome = reproduce_stage(stage, root_path, api_url, run)
+            seconds = time.perf_counter() - start
             if outcome != "skipped":
                 record[outcome].append(stage)
+            record.setdefault("seconds", {})[stage] = round(seconds, 2)
+            outcome = {"skipped": "up to date"}.get(outcome, outcome)
+            line = f"{stage:<9} {outcome:<10} {seconds:6.1f} s  {headline(stage, root_path)}"
+            logger.info("%s", line.rstrip(), extra={"cmkd_line": True})
         record["pushed"] = push(root_path)
     else:
         logger.info("nothing to do: every stage is up to date")

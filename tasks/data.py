@@ -9,7 +9,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from cmkd_core.config import DataParams
+from cmkd_core.config import DataParams, load_params
 from cmkd_core.data import check_pair, write_dataset, write_text_atomic
 from cmkd_core.data.contract import LABELLED, SPLITS, DataContractError, ModalityDataset, Problem
 from cmkd_core.data.defaults import audio_dataset, image_dataset, labelled_subset
@@ -99,14 +99,37 @@ def _summary(ds: ModalityDataset) -> dict:
     return summary
 
 
+def _users_file(layout: Layout, problem: Problem) -> Problem:
+    """``problem`` naming the imported file it was copied from, when the pair was imported."""
+    try:
+        params = load_params(layout.params).data
+    except ValueError:
+        return problem
+    if params.source != "import":
+        return problem
+    source = layout.root / params.import_dir
+    for role, prepared in (("teacher", layout.teacher_data), ("student", layout.student_data)):
+        if problem.file.startswith(str(prepared)):
+            file = str(source / role) + problem.file[len(str(prepared)) :]
+            return Problem(file, problem.column, problem.row, problem.check, problem.detail)
+    return problem
+
+
 @task(name="validate-pair", cache_policy=NONE)
 def validate_pair(layout: Layout) -> dict:
     """Check both datasets against the contract; write the report only if both pass.
 
     A violation raises :class:`cmkd_core.data.DataContractError` listing every problem by file,
-    column, row and check; the previous report is left as it was.
+    column, row and check (all of them in ``.cmkd/reports/validation-problems.txt``); the
+    previous report is left as it was. With ``data.source: import`` the problems name the
+    user's files in ``data.import_dir``, not the prepared copies.
     """
-    teacher, student = check_pair(layout.teacher_data, layout.student_data)
+    try:
+        teacher, student = check_pair(layout.teacher_data, layout.student_data)
+    except DataContractError as exc:
+        problems = [_users_file(layout, p) for p in exc.problems]
+        write_text_atomic(layout.validation_problems, "".join(f"{p}\n" for p in problems))
+        raise DataContractError(problems, report=str(layout.validation_problems)) from None
     report = {
         "classes": list(teacher.meta.classes),
         "teacher": _summary(teacher),

@@ -10,15 +10,32 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from tasks.layout import Layout
+
 
 class StageFailedError(RuntimeError):
-    """``dvc repro`` of a stage, or a DVC command around it, exited non-zero."""
+    """``dvc repro`` of a stage, or a DVC command around it, exited non-zero.
+
+    ``exit_code`` is what ``cmkd`` exits with: the failed stage's own (2 for bad data or
+    params, 1 for a crash), 1 when DVC itself failed.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+LiveHook = Callable[[str], None]
+live_output: LiveHook | None = None
+"""Set by ``cmkd run`` on a terminal: called with each redraw of a progress bar (a chunk of a
+stage's output that ends in a carriage return), so the bar can redraw in place."""
 
 
 def stage_environment(api_url: str | None, run: dict[str, str] | None = None) -> dict[str, str]:
@@ -37,24 +54,36 @@ def stage_environment(api_url: str | None, run: dict[str, str] | None = None) ->
 
 def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``dvc ARGS`` in ``root`` with this interpreter; each line of its output goes to the
-    task's log as it comes (of a progress bar redrawn with carriage returns, the last state).
-    Returns the exit status and the output."""
+    task's log as it comes (of a progress bar redrawn with carriage returns, the last state;
+    the redraws themselves go to :data:`live_output` when set). Returns the exit status and
+    the output."""
     logger = get_run_logger()
     lines = []
+    pending = ""
     with subprocess.Popen(
         [sys.executable, "-m", "dvc", *args],
         cwd=root,
         env=env or stage_environment(None),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     ) as process:
         assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.rstrip("\n").split("\r")[-1]
-            lines.append(line)
-            if line.strip():
-                logger.info("%s", line)
+        fd = process.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            pending += chunk.decode("utf-8", errors="replace")
+            *complete, pending = pending.split("\n")
+            for raw in complete:
+                line = raw.split("\r")[-1]
+                lines.append(line)
+                if line.strip():
+                    logger.info("%s", line)
+            if "\r" in pending and live_output is not None:
+                redraws = [part for part in pending.split("\r") if part.strip()]
+                if redraws:
+                    live_output(redraws[-1])
+        if pending.strip():
+            lines.append(pending.split("\r")[-1])
+            logger.info("%s", lines[-1])
     return process.returncode, "\n".join(lines)
 
 
@@ -134,7 +163,19 @@ def stale_stages(root: Path) -> list[str]:
     return stale
 
 
-@task(name="dvc-repro", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a stage that crashed, not one that refused bad data or params (exit status 2)."""
+    error = state.result(raise_on_failure=False)
+    return not (isinstance(error, StageFailedError) and error.exit_code == 2)
+
+
+@task(
+    name="dvc-repro",
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=_worth_retrying,
+    cache_policy=NONE,
+)
 def reproduce_stage(
     stage: str, root: Path, api_url: str | None, run: dict[str, str] | None = None
 ) -> str:
@@ -143,8 +184,16 @@ def reproduce_stage(
     ``"skipped"`` (unchanged)."""
     get_run_logger().info("dvc repro %s", stage)
     env = stage_environment(api_url, run)
+    last_error = Layout(root).last_error
+    last_error.unlink(missing_ok=True)
     status, output = _dvc(root, "repro", "--single-item", stage, env=env)
     if status != 0:
+        try:  # the stage's own error, as `cmkd stage` wrote it
+            error = json.loads(last_error.read_text())
+        except (OSError, ValueError):
+            error = None
+        if error is not None and error.get("stage") == stage:
+            raise StageFailedError(f"stage {stage!r} failed: {error['message']}", error["exit"])
         raise StageFailedError(f"stage {stage!r} failed: `dvc repro {stage}` exited {status}")
     if f"Running stage '{stage}'" in output:
         return "ran"

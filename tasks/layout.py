@@ -74,6 +74,22 @@ class Layout:
     def model_card(self) -> Path:
         return self.root / "data" / "export" / "model_card.json"
 
+    @property
+    def validation_problems(self) -> Path:
+        """Every violation the last failed validation found (not a DVC output: DVC deletes a
+        stage's outputs before it runs the stage)."""
+        return self.root / ".cmkd" / "reports" / "validation-problems.txt"
+
+    @property
+    def last_error(self) -> Path:
+        """The error of the last failed ``cmkd stage``, read by the pipeline flow."""
+        return self.root / ".cmkd" / "last-error.json"
+
+    @property
+    def logs(self) -> Path:
+        """Where ``cmkd run`` writes each run's full log."""
+        return self.root / ".cmkd" / "logs"
+
     def checkpoint(self, name: str) -> Path:
         """The resume checkpoint of a training run (not a DVC output: DVC deletes a stage's
         outputs before it runs the stage again)."""

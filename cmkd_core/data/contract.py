@@ -131,14 +131,20 @@ class Problem:
 
 
 class DataContractError(ValueError):
-    """A dataset breaks the contract; ``problems`` lists every violation found."""
+    """A dataset breaks the contract; ``problems`` lists every violation found. The message
+    shows the first :data:`SHOWN` of them, how many more there are and, when ``report`` is
+    given, the file that lists them all."""
 
-    def __init__(self, problems: Sequence[Problem]):
+    SHOWN = 20
+
+    def __init__(self, problems: Sequence[Problem], report: str | None = None):
         self.problems = list(problems)
-        shown = "\n".join(f"  - {p}" for p in self.problems[:50])
-        more = len(self.problems) - 50
+        self.report = report
+        shown = "\n".join(f"  - {p}" for p in self.problems[: self.SHOWN])
+        more = len(self.problems) - self.SHOWN
         tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(f"{len(self.problems)} data contract violation(s):\n{shown}{tail}")
+        where = f"\n  every violation: {report}" if report else ""
+        super().__init__(f"{len(self.problems)} data contract violation(s):\n{shown}{tail}{where}")
 
 
 @dataclass

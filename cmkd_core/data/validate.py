@@ -229,8 +229,12 @@ def check_dataset(
     classes = tuple(classes) if classes is not None else ds.meta.classes
     problems = []
     if set(ds.meta.classes) != set(classes):
+        # One violation for the class lists; rows are then checked against the dataset's own
+        # list, so a class only this side has is not reported again for each of its rows.
         problems.append(_class_list_problem(str(root / "dataset.json"), ds.meta, classes))
-    problems += _schema_problems(ds.manifest, where, classes)
+        problems += _schema_problems(ds.manifest, where, ds.meta.classes)
+    else:
+        problems += _schema_problems(ds.manifest, where, classes)
     if not problems:
         problems += _array_problems(ds, where)
     if not problems:

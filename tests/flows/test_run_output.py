@@ -1,0 +1,70 @@
+"""What ``cmkd run`` prints: a student class the teacher lacks stops the run at validate with
+exit status 2, the class named once and the user's file named, no traceback; a stage's lines
+come one per stage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from conftest import make_scratch_repo
+
+from tasks.dvc import stage_environment
+
+
+def _arrays(folder: Path, name: str, classes: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(0)
+    labels = [classes[i % len(classes)] for i in range(12 * len(classes))]
+    np.save(folder / f"{name}.npy", rng.normal(size=(len(labels), 8, 8)).astype(np.float32))
+    pd.DataFrame({"label": labels}).to_csv(folder / f"{name}.csv", index=False)
+
+
+def _cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=stage_environment(api_url),
+        check=False,
+    )
+
+
+def test_a_class_only_the_student_has_exits_2_naming_it_and_the_users_file(
+    tmp_path, fsdd_wheel, prefect_harness
+):
+    from prefect.settings import PREFECT_API_URL
+
+    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    _arrays(mine, "teacher", ("bag", "coat"))
+    _arrays(mine, "student", ("bag", "coat", "hat"))
+    for role in ("teacher", "student"):
+        npy, csv, out = mine / f"{role}.npy", mine / f"{role}.csv", f"data/import/{role}"
+        args = ["--name", f"my-{role}", "--modality", "image"]
+        done = _cmkd(repo, "import", "arrays", str(npy), str(csv), out, *args)
+        assert done.returncode == 0, done.stderr
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["source"] = "import"
+    params["distill"]["model"] = "image_cnn"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+    run = _cmkd(repo, "run", api_url=PREFECT_API_URL.value())
+    assert run.returncode == 2, run.stdout + run.stderr
+    tail = "\n".join((run.stdout + run.stderr).splitlines()[-25:])
+    assert "classes only here: ['hat']" in tail
+    assert "file=data/import/student/dataset.json" in tail  # the user's copy, not prepared/
+    assert "data/prepared" not in tail
+    assert "Traceback" not in run.stdout + run.stderr
+    assert (run.stdout + run.stderr).count("hat") == 1  # one violation, not one per row
+    # Before the error: one header line and one line per stage that ran.
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("cmkd run: stage, outcome, seconds (full log: ")
+    assert [line.split()[0] for line in lines[1:]] == ["prepare"]
+    log = repo / lines[0].split("full log: ")[1].rstrip(")")
+    assert "Traceback" in log.read_text()  # the detail is kept, in the run's log file
