@@ -162,25 +162,39 @@ def markdown_table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def headline_table(rows: list[dict], methods: tuple[str, ...] = ("sinkhorn_ssl", "auto")) -> str:
+HEADLINE_GAINS = ("gain_over_ce", "gain_over_fixmatch", "gain_over_shuffled")
+SHORT = {
+    "gain_over_ce": "ce",
+    "gain_over_fixmatch": "fixmatch",
+    "gain_over_shuffled": "shuffled",
+    "gain_over_random_prototypes": "random prototypes",
+}
+
+
+def headline_table(
+    rows: list[dict],
+    methods: tuple[str, ...] = ("sinkhorn_ssl", "hinton_kd", "auto"),
+    gains: tuple[str, ...] = HEADLINE_GAINS,
+) -> str:
     """One line per (pair, pairing, budget): the CE-only accuracy, then for each of
-    ``methods`` its gain over ``ce`` and over its controls (points); ``-`` where missing."""
+    ``methods`` its accuracy and its ``gains`` (points, paired over seeds); ``-`` where the
+    grid has no such run."""
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if not r["control"]:
             cells.setdefault((r["pair"], r["pairing"], r["budget"]), {})[r["method"]] = r
     ce_acc = {(p, b): r["ce"] for (p, _, b), r in cells.items() if "ce" in r}
-    gains = ("gain_over_ce", "gain_over_fixmatch", "gain_over_shuffled")
     head = "| pair | pairing | labels/class | ce acc % |" + "".join(
-        f" {m} vs ce | {m} vs fixmatch | {m} vs shuffled |" for m in methods
+        f" {m} acc % |" + "".join(f" {m} vs {SHORT[g]} |" for g in gains) for m in methods
     )
-    lines = [head, "|" + "---|" * (4 + len(gains) * len(methods))]
+    lines = [head, "|" + "---|" * (4 + (1 + len(gains)) * len(methods))]
     for (pair, pairing, budget), by_method in cells.items():
         ce = ce_acc.get((pair, budget))
         line = f"| {pair} | {pairing} | {budget} | "
         line += f"{100 * ce['test_accuracy_mean']:.2f} |" if ce else "- |"
         for m in methods:
             r = by_method.get(m)
+            line += " - |" if r is None else f" {100 * r['test_accuracy_mean']:.2f} |"
             for g in gains:
                 line += (
                     " - |" if r is None else f" {_pts(r[g], r['p_' + g.removeprefix('gain_')])} |"

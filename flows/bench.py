@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
-from cmkd_core.bench_summary import markdown_table, summarise, with_auto
+from cmkd_core.bench_summary import headline_table, markdown_table, summarise, with_auto
 from cmkd_core.benchmark import PAIRS, Grid, run_grid
 from cmkd_core.config import DistillParams, TeacherParams, load_params
 from cmkd_core.data import write_text_atomic
@@ -186,7 +186,7 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
             on_record=record,
         )
     rows = summarise(records)
-    table = markdown_table(rows)
+    table = headline_table(rows) + "\n" + markdown_table(rows)
     payload = {
         "command": "cmkd " + " ".join(args.argv),
         "grid": {

@@ -79,7 +79,7 @@ def test_headline_puts_each_cell_on_one_line_with_both_gains():
     records += [_record("la", s, a, "shuffled") for s, a in enumerate([0.62, 0.63, 0.65])]
     table = headline_table(summarise(records), methods=("fa", "la"))
     line = table.splitlines()[2]
-    assert line.startswith("| p | unpaired | 5 | 62.00 | - | - | - | +3.00 (p=")
+    assert line.startswith("| p | unpaired | 5 | 62.00 | - | - | - | - | 65.00 | +3.00 (p=")
     assert line.endswith("| - | +1.67 (p=0.13) |") and len(table.splitlines()) == 3
 
 
