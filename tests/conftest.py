@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,6 +65,21 @@ def make_scratch_repo(repo: Path, wheel: Path, budget: dict | None = None) -> Pa
     for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-qm", "scratch")):
         git(repo, *args)
     return repo
+
+
+def cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
+    """``cmkd ARGS`` in ``repo`` as a user would run it (this interpreter, the Prefect API at
+    ``api_url`` if given); output captured, the exit status left to the caller."""
+    from tasks.dvc import stage_environment
+
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=stage_environment(api_url),
+        check=False,
+    )
 
 
 def make_trained_project(root: Path, pair_root: Path, params: dict) -> Path:

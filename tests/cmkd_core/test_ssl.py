@@ -3,6 +3,8 @@ paired methods on unlabelled pairs, the step budget and auto's choice."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from cmkd_core.data.augment import input_kind, make_view, views_for
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill import TrainSettings, train_classifier
 from cmkd_core.distill.auto import VARIANTS, candidates, choose, resolve
-from cmkd_core.distill.methods import Batch, create_method
+from cmkd_core.distill.methods import Batch, MethodError, create_method
 from cmkd_core.distill.methods.sinkhorn_ssl import class_prototypes
 from cmkd_core.distill.train import round_batches, steps_per_round
 from cmkd_core.models import Classifier, create_model
@@ -163,28 +165,13 @@ def test_paired_methods_take_their_teacher_term_over_unlabelled_pairs(name):
 
     method.extra = spy
     settings = TrainSettings(1, 8, 1e-3, 0.0, 0, 0, progress=False)
-    with pytest.raises(Exception, match="unlabelled samples have no pairs"):
-        train_classifier(
-            _student(),
-            method,
-            train,
-            train,
-            settings,
-            bank=bank,
-            pairing="paired",
-            unlabelled=unlabelled,
-        )
-    unlabelled.pair_index = torch.arange(40, 50)
-    train_classifier(
-        _student(),
-        method,
-        train,
-        train,
-        settings,
-        bank=bank,
-        pairing="paired",
-        unlabelled=unlabelled,
+    run = functools.partial(
+        train_classifier, _student(), method, train, train, settings, bank=bank, pairing="paired"
     )
+    with pytest.raises(MethodError, match="unlabelled samples have no pairs"):
+        run(unlabelled=unlabelled)
+    unlabelled.pair_index = torch.arange(40, 50)
+    run(unlabelled=unlabelled)
     assert seen == [10, 10]
 
 

@@ -4,16 +4,12 @@ come one per stage."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
-from conftest import make_scratch_repo
-
-from tasks.dvc import stage_environment
+from conftest import cmkd, make_scratch_repo
 
 
 def _arrays(folder: Path, name: str, classes: tuple[str, ...]) -> None:
@@ -21,17 +17,6 @@ def _arrays(folder: Path, name: str, classes: tuple[str, ...]) -> None:
     labels = [classes[i % len(classes)] for i in range(12 * len(classes))]
     np.save(folder / f"{name}.npy", rng.normal(size=(len(labels), 8, 8)).astype(np.float32))
     pd.DataFrame({"label": labels}).to_csv(folder / f"{name}.csv", index=False)
-
-
-def _cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        env=stage_environment(api_url),
-        check=False,
-    )
 
 
 def test_a_class_only_the_student_has_exits_2_naming_it_and_the_users_file(
@@ -47,14 +32,14 @@ def test_a_class_only_the_student_has_exits_2_naming_it_and_the_users_file(
     for role in ("teacher", "student"):
         npy, csv, out = mine / f"{role}.npy", mine / f"{role}.csv", f"data/import/{role}"
         args = ["--name", f"my-{role}", "--modality", "image"]
-        done = _cmkd(repo, "import", "arrays", str(npy), str(csv), out, *args)
+        done = cmkd(repo, "import", "arrays", str(npy), str(csv), out, *args)
         assert done.returncode == 0, done.stderr
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["source"] = "import"
     params["distill"]["model"] = "image_cnn"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
-    run = _cmkd(repo, "run", api_url=PREFECT_API_URL.value())
+    run = cmkd(repo, "run", api_url=PREFECT_API_URL.value())
     assert run.returncode == 2, run.stdout + run.stderr
     tail = "\n".join((run.stdout + run.stderr).splitlines()[-25:])
     assert "classes only here: ['hat']" in tail

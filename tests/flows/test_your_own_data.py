@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import make_scratch_repo
+from conftest import cmkd, make_scratch_repo
 from scipy.io import wavfile
 
 from cmkd_core.data import check_dataset
 from cmkd_core.distill.recipes import fit_teacher
-from tasks.dvc import stage_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ("low", "mid", "high")
@@ -56,14 +54,7 @@ def _student_files(folder: Path) -> None:
 
 
 def _cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        env=stage_environment(api_url),
-        check=False,
-    )
+    done = cmkd(repo, *args, api_url=api_url)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
