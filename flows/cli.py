@@ -49,18 +49,17 @@ def summary_text(metrics: dict, onnx: str) -> str:
             f"  {metrics['chosen']} vs ce on validation: "
             f"{100 * (scores[metrics['chosen']] - scores['ce']):+.2f} points",
         ]
+    width = max(31, len(f"shipped student ({method})"))
     return "\n".join(
         [
             *lines,
             "cmkd results (test split, each model at its best validation epoch)",
-            f"  teacher                          test accuracy "
-            f"{metrics['teacher']['test_accuracy']:.4f}",
-            f"  distilled student ({method})"
-            f"{' ' * max(1, 13 - len(method))}test accuracy "
+            f"  {'teacher':<{width}}  test accuracy {metrics['teacher']['test_accuracy']:.4f}",
+            f"  {f'shipped student ({method})':<{width}}  test accuracy "
             f"{student['test_accuracy']:.4f}   macro-F1 {student['test_macro_f1']:.4f}",
-            f"  CE-only student (same budget)    test accuracy {ce['test_accuracy']:.4f}"
-            f"   macro-F1 {ce['test_macro_f1']:.4f}",
-            f"  distillation vs CE-only on test: {gain:+.2f} points"
+            f"  {'CE-only student (same budget)':<{width}}  test accuracy "
+            f"{ce['test_accuracy']:.4f}   macro-F1 {ce['test_macro_f1']:.4f}",
+            f"  shipped vs CE-only on test: {gain:+.2f} points"
             f" ({student['labelled_train']} labelled student {samples})",
             f"  ONNX student: {onnx}",
         ]

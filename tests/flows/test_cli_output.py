@@ -125,3 +125,18 @@ def test_confusion_png_rotates_long_names_so_they_do_not_overlap(tmp_path):
     # Short names (the digits) stay upright.
     upright = _confusion(y_true, y_pred, [str(i) for i in range(10)], "ce", tmp_path)
     assert upright.axes[0].get_xticklabels()[0].get_rotation() == 0
+
+
+def test_summary_of_auto_says_what_won_and_by_how_much_on_validation():
+    metrics = _metrics(modality="audio")
+    metrics.update(
+        method="auto",
+        chosen="sinkhorn_ssl",
+        candidates_val_accuracy={"ce": 0.845, "joint": 0.838, "sinkhorn_ssl": 0.925},
+    )
+    lines = summary_text(metrics, "student.onnx").splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["sinkhorn_ssl", "ce", "joint"]
+    assert "sinkhorn_ssl vs ce on validation: +8.00 points" in lines[4]
+    shipped = next(line for line in lines if "shipped student" in line)
+    assert "(auto: sinkhorn_ssl)" in shipped and "test accuracy 0.8000" in shipped
+    assert lines[-2].startswith("  shipped vs CE-only on test: +10.00 points")
