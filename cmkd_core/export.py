@@ -7,7 +7,6 @@ batch and time dynamic; fixed-size students take ``x (batch, *sample_shape)``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -130,15 +129,6 @@ def check_parity(
         )
     accuracy = float((got.argmax(1) == samples.labels.cpu().numpy()).mean())
     return Parity(len(samples), diff, same, accuracy)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Dynamic int8 quantisation pays on the CPU only for matrix products: measured here, it made

@@ -1,4 +1,9 @@
-"""One Prefect flow per DVC stage; ``dvc.yaml`` runs them through ``cmkd stage NAME``."""
+"""One Prefect flow per DVC stage; ``dvc.yaml`` runs them through ``cmkd stage NAME``.
+
+Each flow imports its tasks when it runs, so a stage process loads only what that stage
+needs (``prepare`` and ``validate`` no torch, ONNX or matplotlib): six stage processes start
+several seconds faster in all.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,15 @@ from pathlib import Path
 from prefect import flow
 
 from cmkd_core.config import load_params
-from tasks.data import copy_imported_pair, materialise_default_pair, validate_pair
-from tasks.evaluate import evaluate_students
-from tasks.export import export_student
 from tasks.layout import Layout
-from tasks.train import (
-    clear_checkpoints,
-    distill_student,
-    plan_candidates,
-    select_student,
-    train_teacher,
-)
 
 
 @flow(name="prepare")
 def prepare(root: str = ".") -> dict:
     """Write the embedded default pair, or copy the imported one, into ``data/prepared``
     (params: ``data``)."""
+    from tasks.data import copy_imported_pair, materialise_default_pair
+
     layout = Layout(Path(root))
     params = load_params(layout.params).data
     if params.source == "import":
@@ -34,12 +31,16 @@ def prepare(root: str = ".") -> dict:
 @flow(name="validate")
 def validate(root: str = ".") -> dict:
     """Check both datasets against the contract; stop the run on any violation."""
+    from tasks.data import validate_pair
+
     return validate_pair(Layout(Path(root)))
 
 
 @flow(name="teacher")
 def teacher(root: str = ".") -> dict:
     """Train the teacher on its modality and extract the bank (params: ``teacher``)."""
+    from tasks.train import clear_checkpoints, train_teacher
+
     layout = Layout(Path(root))
     result = train_teacher(layout, load_params(layout.params).teacher)
     clear_checkpoints(layout, "teacher")
@@ -50,6 +51,8 @@ def teacher(root: str = ".") -> dict:
 def distill(root: str = ".") -> dict:
     """Train the distilled student and the CE-only baseline (params: ``distill``); with
     ``method: auto``, every candidate, then keep the best on validation."""
+    from tasks.train import clear_checkpoints, distill_student, plan_candidates, select_student
+
     layout = Layout(Path(root))
     params = load_params(layout.params).distill
     result = {m: distill_student(layout, params, m) for m in plan_candidates(layout, params)}
@@ -62,6 +65,8 @@ def distill(root: str = ".") -> dict:
 @flow(name="evaluate")
 def evaluate(root: str = ".") -> dict:
     """Test metrics at the best-validation epoch for both students, and plots."""
+    from tasks.evaluate import evaluate_students
+
     layout = Layout(Path(root))
     return evaluate_students(layout, load_params(layout.params).distill.method)
 
@@ -69,6 +74,8 @@ def evaluate(root: str = ".") -> dict:
 @flow(name="export")
 def export(root: str = ".") -> dict:
     """ONNX export with the parity gate, and the model card (params: ``export``)."""
+    from tasks.export import export_student
+
     layout = Layout(Path(root))
     return export_student(layout, load_params(layout.params))
 

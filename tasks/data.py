@@ -10,10 +10,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from cmkd_core.config import DataParams, load_params
-from cmkd_core.data import check_pair, write_dataset, write_text_atomic
+from cmkd_core.data import check_pair, sha256_file, write_dataset, write_text_atomic
 from cmkd_core.data.contract import LABELLED, SPLITS, DataContractError, ModalityDataset, Problem
 from cmkd_core.data.defaults import audio_dataset, image_dataset, labelled_subset
-from cmkd_core.export import sha256_file
 from tasks.layout import Layout
 
 

@@ -13,11 +13,10 @@ from safetensors.torch import save_file
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
-from cmkd_core.data import ModalityDataset, atomic_path, check_dataset
+from cmkd_core.data import ModalityDataset, atomic_path, check_dataset, sha256_file
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.auto import candidates, choose
 from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
-from cmkd_core.export import sha256_file
 from cmkd_core.models.checkpoint import load_classifier, save_classifier
 from cmkd_core.teachers import bank_from_embeddings, bank_from_module, bank_from_onnx
 from tasks.data import write_json

@@ -7,11 +7,22 @@ from cmkd_core.data.contract import (
     Problem,
     atomic_path,
     read_dataset,
+    sha256_file,
     write_dataset,
     write_text_atomic,
 )
-from cmkd_core.data.samplers import ClassMatchedSampler, epoch_batches
 from cmkd_core.data.validate import check_dataset, check_pair
+
+_LAZY = {"ClassMatchedSampler", "epoch_batches"}  # need torch: imported when first asked for
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from cmkd_core.data import samplers
+
+        return getattr(samplers, name)
+    raise AttributeError(f"module 'cmkd_core.data' has no attribute {name!r}")
+
 
 __all__ = [
     "ClassMatchedSampler",
@@ -24,6 +35,7 @@ __all__ = [
     "check_pair",
     "epoch_batches",
     "read_dataset",
+    "sha256_file",
     "write_dataset",
     "write_text_atomic",
 ]

@@ -23,6 +23,7 @@ order of the names); a folder written by hand may use any order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -267,6 +268,15 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise type(exc)(exc.errno, f"writing {final}: {exc.strerror or exc}") from exc
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
