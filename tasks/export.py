@@ -13,7 +13,7 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from cmkd_core.config import Params
-from cmkd_core.data import check_dataset
+from cmkd_core.data import check_dataset, sha256_file
 from cmkd_core.data.tensors import samples_of
 from cmkd_core.export import (
     INT8_OPS,
@@ -23,7 +23,6 @@ from cmkd_core.export import (
     input_names,
     onnx_accuracy,
     quantize_int8,
-    sha256_file,
 )
 from cmkd_core.models.checkpoint import load_classifier
 from tasks.data import write_json
