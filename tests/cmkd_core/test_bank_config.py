@@ -57,7 +57,9 @@ def test_bank_that_is_not_safetensors_is_refused(tmp_path):
 
 def test_params_file_of_the_repo_loads():
     params = load_params("params.yaml")
-    assert params.distill.method == "joint" and params.distill.ot.reg == 0.1
+    assert params.distill.method == "auto" and params.distill.ot.reg == 0.1
+    assert params.distill.min_steps == 300 and params.distill.ssl.start == 50
+    assert params.teacher.threads == params.distill.threads == 2
 
 
 def test_unknown_key_is_an_error_that_names_it(tmp_path):
