@@ -22,7 +22,7 @@ from flows.stages import STAGES
 # Smaller than the pipeline tests' budget: this test is about the deployment machinery.
 BUDGET = {
     "teacher": {"epochs": 1, "feature_dim": 16, "warmup_epochs": 0},
-    "distill": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0},
+    "distill": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0, "min_steps": 0},
 }
 RUN_TIMEOUT = 360.0
 
