@@ -86,10 +86,11 @@ def summarise(records: list[dict]) -> list[dict]:
     df = pd.DataFrame(with_auto(records))
     keys = ["pair", "pairing", "budget", "method", "control", "seed"]
     acc = df.set_index(keys)["test_accuracy"].sort_index()
+    present = set(acc.index.droplevel("seed"))
 
     def series(pair, pairing, budget, method, control) -> pd.Series:
         key = (pair, pairing, budget, method, control)
-        return acc.loc[key] if key in acc.index.droplevel("seed") else pd.Series(dtype=float)
+        return acc.loc[key] if key in present else pd.Series(dtype=float)
 
     rows = []
     keys = ["pair", "pairing", "budget", "method", "control"]

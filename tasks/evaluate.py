@@ -20,15 +20,11 @@ from cmkd_core.bank import load_bank
 from cmkd_core.data import atomic_path, check_dataset, write_text_atomic
 from cmkd_core.data.tensors import samples_of
 from cmkd_core.distill import predict_logits
+from cmkd_core.distill.auto import students_of
 from cmkd_core.metrics import classification_report, confusion_matrix
 from cmkd_core.models.checkpoint import load_classifier
 from tasks.data import write_json
 from tasks.layout import Layout
-
-
-def methods_of(method: str) -> list[str]:
-    """The students a run trains: the configured method and the CE-only baseline."""
-    return [method] if method == "ce" else [method, "ce"]
 
 
 def _csv(rows: list[dict]) -> str:
@@ -159,7 +155,7 @@ def evaluate_students(layout: Layout, method: str) -> dict:
     dataset = check_dataset(layout.student_data, classes=classes)
     test = samples_of(dataset, dataset.rows("test"), classes)
     y_true = test.labels.numpy()
-    for name in methods_of(method):
+    for name in students_of(method):
         model, _, info = load_classifier(layout.student_weights(name))
         models[name] = model
         y_pred = predict_logits(model, test).argmax(1).numpy()

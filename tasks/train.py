@@ -15,7 +15,7 @@ from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data import ModalityDataset, atomic_path, check_dataset, sha256_file
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
-from cmkd_core.distill.auto import candidates, choose
+from cmkd_core.distill.auto import candidates, choose, students_of
 from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
 from cmkd_core.models.checkpoint import load_classifier, save_classifier
 from cmkd_core.teachers import bank_from_embeddings, bank_from_module, bank_from_onnx
@@ -177,7 +177,7 @@ def plan_candidates(layout: Layout, params: DistillParams) -> list[str]:
     only with unlabelled student train samples, ``hinton_kd`` only when paired), or the
     configured method and the CE-only baseline."""
     if params.method != "auto":
-        return [params.method] if params.method == "ce" else [params.method, "ce"]
+        return students_of(params.method)
     dataset = check_dataset(layout.student_data)
     train = len(dataset.rows("train"))
     labelled = len(dataset.rows("train", labelled_only=True))

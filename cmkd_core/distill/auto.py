@@ -38,6 +38,12 @@ def base_method(name: str) -> str:
     return VARIANTS[name][0] if name in VARIANTS else name
 
 
+def students_of(method: str) -> list[str]:
+    """The students a run of ``method`` keeps: that method's (``auto`` for auto) and the
+    CE-only baseline, once."""
+    return [method] if method == BASELINE else [method, BASELINE]
+
+
 def candidates(has_unlabelled: bool, paired: bool) -> list[str]:
     """What ``auto`` trains, the CE-only baseline first."""
     names = [BASELINE, "joint", "joint_w0.1"]
