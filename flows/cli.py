@@ -10,7 +10,8 @@ cmkd import-layout KIND SRC OUT   teacher + student datasets from CREMA-D, AVE, 
 cmkd predict M INPUT  classes of .npy (or .wav) inputs with an exported student (onnxruntime)
 cmkd serve M          an HTTP server for an exported student on 127.0.0.1
 cmkd seeds            several seeds of the distill stage at once on a Dask cluster
-cmkd server           a local Prefect server (SQLite in .cmkd/prefect) on 127.0.0.1:4200
+cmkd server           a local Prefect server (SQLite in .cmkd/prefect) on 127.0.0.1:4200;
+                      --stop: stop the background one that cmkd run and cmkd stage share
 cmkd deploy           the work pool and the nightly deployment of prefect.yaml (--serve: one
                       process instead); cmkd worker: a process worker that runs it here
 """
@@ -90,9 +91,29 @@ def bank_text(facts: dict) -> str:
 
 
 def _run_flow(function, **kwargs):
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    """``function(**kwargs)`` (a flow, or code that runs flows) against the configured Prefect
+    API or, if none is, the project's shared local server (flows/local_server.py), not a
+    temporary one."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    updates = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if not PREFECT_API_URL.value():
+        from flows.local_server import ensure_server
+
+        url, started = ensure_server()
+        updates[PREFECT_API_URL] = url
+        import logging
+
+        logging.getLogger("cmkd").info(
+            "Prefect API: the project's local server at %s (%s)",
+            url,
+            "started now" if started else "already running",
+        )
+    with temporary_settings(updates):
         return function(**kwargs)
 
 
@@ -233,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds.add_argument("--workers", type=int, default=2, help="local cluster: processes")
     seeds.add_argument("--address", help="an existing Dask scheduler, e.g. tcp://host:8786")
     server = sub.add_parser("server", help="a local Prefect server (foreground)")
+    server.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop instead the background server that cmkd run and cmkd stage share",
+    )
     deployer = sub.add_parser("deploy", help="the work pool and the nightly deployment")
     deployer.add_argument(
         "--serve", action="store_true", help="serve the deployment in this process instead"
@@ -256,26 +282,35 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.command in ("predict", "serve"):
         return _deploy(args)  # onnxruntime only: no torch, Prefect or DVC imported
+    if args.command == "stage":  # under `cmkd run`, the pipeline's process runs the stage
+        from tasks.stage_host import delegate
+
+        code = delegate(args.name, args.root)
+        if code is not None:
+            return code
+    if args.command == "server" and args.stop:
+        from flows.local_server import stop_server
+
+        pid = stop_server()
+        print(f"cmkd: stopped the local Prefect server (pid {pid})" if pid else "cmkd: none runs")
+        return 0
     if args.command in ("server", "deploy", "worker"):
         from flows.deploy import command
 
         return command(args.command, Path(args.root), args.port, getattr(args, "serve", False))
 
-    from cmkd_core.bank import BankError
-    from cmkd_core.config import ParamsError
-    from cmkd_core.data import DataContractError
     from tasks.layout import Layout
 
     layout = Layout(Path(args.root))
     try:
         if args.command == "stage":
             from flows.console import quiet_tracebacks
-            from flows.stages import STAGES
+            from flows.stages import run_stage
 
             if not args.verbose:
                 quiet_tracebacks()
-            _run_flow(STAGES[args.name], root=args.root)
-            return 0
+            root = Path(args.root)
+            return _run_flow(run_stage, name=args.name, root=root, traceback=args.verbose)
         if args.command == "bank":
             from cmkd_core.bank import describe_bank, load_bank
 
@@ -361,25 +396,29 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads(layout.metrics.read_text())
         print(summary_text(metrics, str(layout.onnx)))
         return 0
-    except (DataContractError, ParamsError, BankError) as exc:
-        return _failed(args, layout, str(exc), 2)
     except Exception as exc:
+        if _bad_input(exc):
+            return _failed(str(exc), 2)
         if getattr(args, "verbose", False):
             import traceback
 
             traceback.print_exc()
-        return _failed(args, layout, f"{type(exc).__name__}: {exc}", 1)
+        return _failed(f"{type(exc).__name__}: {exc}", 1)
 
 
-def _failed(args: argparse.Namespace, layout, message: str, code: int) -> int:
-    """Print the error once and return ``code``; a failed ``cmkd stage`` also leaves it in
-    ``.cmkd/last-error.json`` for the pipeline flow that ran it through DVC."""
+def _bad_input(exc: Exception) -> bool:
+    """Whether ``exc`` says the input (data, params, a bank) is bad: exit status 2. The classes
+    are imported here, not at the top, so that commands which never load torch start fast."""
+    from cmkd_core.bank import BankError
+    from cmkd_core.config import ParamsError
+    from cmkd_core.data import DataContractError
+
+    return isinstance(exc, (DataContractError, ParamsError, BankError))
+
+
+def _failed(message: str, code: int) -> int:
+    """Print the error once and return ``code``."""
     print(f"cmkd: {message}", file=sys.stderr)
-    if args.command == "stage":
-        from cmkd_core.data import write_text_atomic
-
-        error = {"stage": args.name, "exit": code, "message": message}
-        write_text_atomic(layout.last_error, json.dumps(error) + "\n")
     return code
 
 

@@ -105,7 +105,7 @@ def run_console(logs: Path, verbose: bool) -> Path:
             logger is logging.getLogger() or not logger.propagate
         ) and to_file not in logger.handlers:
             logger.addHandler(to_file)
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
+    for name in ("prefect.flow_runs", "prefect.task_runs", "cmkd"):
         logging.getLogger(name).setLevel(logging.INFO)
     if not verbose:
         bar = _LiveBar(sys.stdout) if sys.stdout.isatty() else None

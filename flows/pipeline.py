@@ -5,7 +5,9 @@ The flow is what ``cmkd run`` and the scheduled deployment (``prefect.yaml``) ru
 1. ``dvc pull`` from the default remote (a local folder unless configured otherwise), so a
    fresh machine starts from the artifacts of earlier runs;
 2. ``dvc status``: when nothing is stale, the run stops here, having changed nothing;
-3. ``dvc repro --single-item`` for each stage in order (DVC skips the unchanged ones);
+3. ``dvc repro --single-item`` for each stage in order (DVC skips the unchanged ones); the
+   stage commands DVC starts have their flows run here, in this process, as subflows
+   (tasks/stage_host.py), so torch and Prefect are imported once per run, not per stage;
 4. ``dvc push`` of the new artifacts;
 5. a run record, ``.cmkd/runs/<time>-<flow run name>.json``: what was stale, what ran, what
    DVC restored from its run cache, whether it pushed, the ``dvc.lock`` digest (``dvc.lock``
@@ -24,9 +26,10 @@ from prefect import flow, get_client, get_run_logger
 from prefect.runtime import flow_run
 
 from cmkd_core.data import write_text_atomic
-from flows.stages import STAGES
+from flows.stages import STAGES, run_stage
 from tasks.dvc import pull, push, reproduce_stage, stale_stages
 from tasks.layout import Layout
+from tasks.stage_host import hosting
 
 
 def _api_url() -> str | None:
@@ -100,16 +103,17 @@ def pipeline(root: str = ".") -> dict:
     record["stale"], record["ran"], record["restored"] = stale, [], []
     if stale:
         api_url = _api_url()
-        for stage in STAGES:
-            start = time.perf_counter()
-            outcome = reproduce_stage(stage, root_path, api_url, run)
-            seconds = time.perf_counter() - start
-            if outcome != "skipped":
-                record[outcome].append(stage)
-            record.setdefault("seconds", {})[stage] = round(seconds, 2)
-            outcome = {"skipped": "up to date"}.get(outcome, outcome)
-            line = f"{stage:<9} {outcome:<10} {seconds:6.1f} s  {headline(stage, root_path)}"
-            logger.info("%s", line.rstrip(), extra={"cmkd_line": True})
+        with hosting(root_path, run_stage) as host:
+            for stage in STAGES:
+                start = time.perf_counter()
+                outcome = reproduce_stage(stage, root_path, api_url, run, host)
+                seconds = time.perf_counter() - start
+                if outcome != "skipped":
+                    record[outcome].append(stage)
+                record.setdefault("seconds", {})[stage] = round(seconds, 2)
+                outcome = {"skipped": "up to date"}.get(outcome, outcome)
+                line = f"{stage:<9} {outcome:<10} {seconds:6.1f} s  {headline(stage, root_path)}"
+                logger.info("%s", line.rstrip(), extra={"cmkd_line": True})
         record["pushed"] = push(root_path)
     else:
         logger.info("nothing to do: every stage is up to date")

@@ -88,3 +88,32 @@ STAGES = {
     "evaluate": evaluate,
     "export": export,
 }
+
+
+def run_stage(name: str, root: Path, traceback: bool = True) -> int:
+    """Run stage ``name``'s flow for the project at ``root`` in this process, as ``cmkd stage``
+    does: returns 0, or 2 for bad data, params or a bad bank, 1 for anything else; a failure's
+    message is printed to stderr (after its traceback if ``traceback``) and left in
+    ``.cmkd/last-error.json`` for the pipeline flow that ran the stage through DVC."""
+    import json
+    import sys
+
+    from cmkd_core.bank import BankError
+    from cmkd_core.config import ParamsError
+    from cmkd_core.data import DataContractError, write_text_atomic
+
+    try:
+        STAGES[name](root=str(root))
+        return 0
+    except (DataContractError, ParamsError, BankError) as exc:
+        message, code = str(exc), 2
+    except Exception as exc:
+        if traceback:
+            import traceback as tb
+
+            tb.print_exc()
+        message, code = f"{type(exc).__name__}: {exc}", 1
+    print(f"cmkd: {message}", file=sys.stderr)
+    error = {"stage": name, "exit": code, "message": message}
+    write_text_atomic(Layout(Path(root)).last_error, json.dumps(error) + "\n")
+    return code

@@ -6,8 +6,11 @@ retries where a retry can help: pulling and pushing touch the remote; a stage is
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import os
+import selectors
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from tasks.layout import Layout
+from tasks.stage_host import StageHost
 
 
 class StageFailedError(RuntimeError):
@@ -52,39 +56,83 @@ def stage_environment(api_url: str | None, run: dict[str, str] | None = None) ->
     return env
 
 
-def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run ``dvc ARGS`` in ``root`` with this interpreter; each line of its output goes to the
-    task's log as it comes (of a progress bar redrawn with carriage returns, the last state;
-    the redraws themselves go to :data:`live_output` when set). Returns the exit status and
-    the output."""
-    logger = get_run_logger()
-    lines = []
-    pending = ""
-    with subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=root,
-        env=env or stage_environment(None),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    ) as process:
+class _Output:
+    """A command's output, written in chunks: each complete line goes to ``logger`` (of a
+    progress bar redrawn with carriage returns, the last state), each redraw to
+    :data:`live_output` when set. A file-like object, so a stage run in this process can write
+    to it as the command's process would."""
+
+    def __init__(self, logger):
+        self.logger = logger
+        self.lines: list[str] = []
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *complete, self.pending = self.pending.split("\n")
+        for raw in complete:
+            line = raw.split("\r")[-1]
+            self.lines.append(line)
+            if line.strip():
+                self.logger.info("%s", line)
+        if "\r" in self.pending and live_output is not None:
+            redraws = [part for part in self.pending.split("\r") if part.strip()]
+            if redraws:
+                live_output(redraws[-1])
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> str:
+        """The whole output, one string (an unfinished last line logged too)."""
+        if self.pending.strip():
+            self.lines.append(self.pending.split("\r")[-1])
+            self.logger.info("%s", self.lines[-1])
+        self.pending = ""
+        return "\n".join(self.lines)
+
+
+def _dvc(
+    root: Path, *args: str, env: dict[str, str] | None = None, host: StageHost | None = None
+) -> tuple[int, str]:
+    """Run ``dvc ARGS`` in ``root`` with this interpreter, its output to the task's log as it
+    comes (:class:`_Output`). With ``host``, the stage commands DVC starts have their stages run
+    here, in this process, their output going the same way. Returns the exit status and the
+    output."""
+    output = _Output(get_run_logger())
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "dvc", *args],
+            cwd=root,
+            env=env or stage_environment(None),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ) as process,
+        selectors.DefaultSelector() as selector,
+    ):
         assert process.stdout is not None
         fd = process.stdout.fileno()
-        while chunk := os.read(fd, 65536):
-            pending += chunk.decode("utf-8", errors="replace")
-            *complete, pending = pending.split("\n")
-            for raw in complete:
-                line = raw.split("\r")[-1]
-                lines.append(line)
-                if line.strip():
-                    logger.info("%s", line)
-            if "\r" in pending and live_output is not None:
-                redraws = [part for part in pending.split("\r") if part.strip()]
-                if redraws:
-                    live_output(redraws[-1])
-        if pending.strip():
-            lines.append(pending.split("\r")[-1])
-            logger.info("%s", lines[-1])
-    return process.returncode, "\n".join(lines)
+        selector.register(fd, selectors.EVENT_READ)
+        if host is not None:
+            host.register(selector)
+        while True:
+            events = selector.select()
+            if any(key.data is not None for key, _ in events):
+                with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                    for key, _ in events:
+                        if key.data is not None:
+                            key.data()
+                continue
+            if not (chunk := os.read(fd, 65536)):
+                break
+            output.write(decoder.decode(chunk))
+    output.write(decoder.decode(b"", final=True))
+    return process.returncode, output.close()
 
 
 def _dvc_quiet(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -177,16 +225,23 @@ def _worth_retrying(task, task_run, state) -> bool:
     cache_policy=NONE,
 )
 def reproduce_stage(
-    stage: str, root: Path, api_url: str | None, run: dict[str, str] | None = None
+    stage: str,
+    root: Path,
+    api_url: str | None,
+    run: dict[str, str] | None = None,
+    host: StageHost | None = None,
 ) -> str:
-    """Run ``dvc repro --single-item STAGE`` in ``root``. Returns ``"ran"``, ``"restored"``
+    """Run ``dvc repro --single-item STAGE`` in ``root`` (with ``host``, the stage's command has
+    its flow run in this process: tasks/stage_host.py). Returns ``"ran"``, ``"restored"``
     (DVC's run cache had the outputs of these very inputs and checked them out) or
     ``"skipped"`` (unchanged)."""
     get_run_logger().info("dvc repro %s", stage)
     env = stage_environment(api_url, run)
+    if host is not None:
+        env.update(host.environment())
     last_error = Layout(root).last_error
     last_error.unlink(missing_ok=True)
-    status, output = _dvc(root, "repro", "--single-item", stage, env=env)
+    status, output = _dvc(root, "repro", "--single-item", stage, env=env, host=host)
     if status != 0:
         try:  # the stage's own error, as `cmkd stage` wrote it
             error = json.loads(last_error.read_text())

@@ -1,0 +1,207 @@
+"""The project's shared local Prefect server, started on first use and stopped when idle.
+
+Without ``PREFECT_API_URL``, Prefect starts a temporary server in every process that runs a
+flow, and stops it at exit: several seconds each time, once per stage under a bare ``dvc
+repro``. ``cmkd run`` and ``cmkd stage`` instead use one server per ``PREFECT_HOME`` (the
+project's ``.cmkd/prefect``): the first command that needs it starts it in the background
+(no UI, no background services, as Prefect's temporary server; state in the same SQLite
+file), the next ones find it through ``local-server.json`` and reuse it. Each command holds a
+lease (``leases/PID``) while it runs; the server exits by itself once no lease has been held
+for ``CMKD_SERVER_IDLE_SECONDS`` (default 600). ``cmkd server --stop`` stops it now; with
+``PREFECT_API_URL`` set (a server of your own, ``cmkd server``, Prefect Cloud) none is started.
+
+The server is ``python -m flows.local_server --port P --idle S`` with its output in
+``local-server.log``; ``local-server.lock`` keeps two commands from starting two servers and
+the server from stopping while a command is picking it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import tasks  # noqa: F401  (Prefect's offline defaults, before Prefect is imported)
+from flows.deploy import HOST, _tail, api_url, healthy, server_env
+
+IDLE_SECONDS = 600.0
+INFO = "local-server.json"
+
+
+def idle_seconds() -> float:
+    """How long the server outlives its last lease: ``CMKD_SERVER_IDLE_SECONDS`` or 600."""
+    return float(os.environ.get("CMKD_SERVER_IDLE_SECONDS") or IDLE_SECONDS)
+
+
+def prefect_home() -> Path:
+    """The ``PREFECT_HOME`` this process uses (``tasks`` sets the project's default)."""
+    return Path(os.environ["PREFECT_HOME"]).resolve()
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "local-server.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_info(home: Path) -> dict | None:
+    try:
+        info = json.loads((home / INFO).read_text())
+        return info if _alive(int(info["pid"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _hold_lease(home: Path) -> None:
+    """Mark this process as a user of the server until it exits."""
+    leases = home / "leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    lease = leases / str(os.getpid())
+    if not lease.exists():
+        lease.touch()
+        atexit.register(lease.unlink, missing_ok=True)
+
+
+def live_leases(home: Path) -> list[int]:
+    """The ids of the processes holding a lease on ``home``'s server; stale leases (their
+    process gone) are removed."""
+    live = []
+    for lease in (home / "leases").glob("*"):
+        if lease.name.isdigit() and _alive(int(lease.name)):
+            live.append(int(lease.name))
+        else:
+            lease.unlink(missing_ok=True)
+    return sorted(live)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def ensure_server(home: Path | None = None, timeout: float = 120.0) -> tuple[str, bool]:
+    """The API URL of ``home``'s shared server (default: :func:`prefect_home`), started in the
+    background if none answers, and a lease on it for this process. Returns the URL and
+    whether this call started it. Raises ``RuntimeError`` (with the end of its log) if a new
+    server exits or does not answer within ``timeout`` seconds."""
+    home = prefect_home() if home is None else Path(home).resolve()
+    with _locked(home):
+        _hold_lease(home)  # first: a server starting now must not see itself idle and stop
+        info = _read_info(home)
+        if info is not None and healthy(info["url"]):
+            return info["url"], False
+        port = _free_port()
+        log = home / "local-server.log"
+        env = server_env(home, port)
+        env.update({"PREFECT_UI_ENABLED": "0", "CMKD_SERVER_IDLE_SECONDS": str(idle_seconds())})
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.local_server", "--port", str(port)],
+                cwd=home,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives this command, untouched by its Ctrl-C
+            )
+        url = api_url(port)
+        deadline = time.monotonic() + timeout
+        while not healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError(f"the local Prefect server did not start; {log}:\n{_tail(log)}")
+            time.sleep(0.1)
+        info = {"url": url, "pid": proc.pid, "port": port, "started": time.time()}
+        (home / INFO).write_text(json.dumps(info) + "\n")
+        return url, True
+
+
+def stop_server(home: Path | None = None, timeout: float = 20.0) -> int | None:
+    """Stop ``home``'s shared server if one runs; returns its process id, or ``None``."""
+    home = prefect_home() if home is None else Path(home).resolve()
+    with _locked(home):
+        info = _read_info(home)
+        (home / INFO).unlink(missing_ok=True)
+    if info is None:
+        return None
+    pid = int(info["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _watch(home: Path, server, idle: float) -> None:
+    """Ask ``server`` (a uvicorn server) to exit once no lease has been held for ``idle``
+    seconds; the info file goes first, under the lock, so no command picks up a server that
+    is stopping."""
+    last_used = time.monotonic()
+    while not server.should_exit:
+        time.sleep(min(1.0, idle / 4))
+        if live_leases(home):
+            last_used = time.monotonic()
+        elif time.monotonic() - last_used > idle:
+            with _locked(home):
+                if live_leases(home):
+                    continue
+                info = _read_info(home)
+                if info is not None and int(info["pid"]) == os.getpid():
+                    (home / INFO).unlink(missing_ok=True)
+                server.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server in this process (what :func:`ensure_server` starts)."""
+    parser = argparse.ArgumentParser(prog="python -m flows.local_server")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    os.environ["PREFECT__SERVER_EPHEMERAL"] = "1"  # no UI, no background services
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app(ephemeral=True, final=True)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=HOST, port=args.port, log_level="error", lifespan="on")
+    )
+    watcher = threading.Thread(
+        target=_watch, args=(prefect_home(), server, idle_seconds()), daemon=True
+    )
+    watcher.start()
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Fewer processes and servers per run: a stage command that DVC starts under ``cmkd run`` has
+its stage run in the pipeline's process (tasks/stage_host.py); without a configured Prefect
+API, ``cmkd`` commands share one local server that stops when idle (flows/local_server.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_scratch_repo
+
+from flows.local_server import INFO, stop_server
+from tasks.stage_host import VARIABLE, StageHost, delegate
+
+
+def test_a_delegated_stage_runs_in_the_hosts_process_with_its_status_and_run_name(
+    tmp_path, monkeypatch
+):
+    seen = []
+
+    def runner(stage: str, root: Path) -> int:
+        seen.append((stage, Path.cwd(), root, os.environ.get("CMKD_RUN_NAME"), os.getpid()))
+        return 2
+
+    host = StageHost(tmp_path, runner)
+    try:
+        monkeypatch.setenv(VARIABLE, host.path)
+        monkeypatch.setenv("CMKD_RUN_NAME", "brave-otter")
+        served = threading.Thread(target=host.answer)
+        served.start()
+        assert delegate("validate", str(tmp_path)) == 2
+        served.join(10)
+        assert seen == [("validate", tmp_path.resolve(), Path("."), "brave-otter", os.getpid())]
+        assert host.ran == ["validate"]
+        # a stage command for another project is declined: it runs the stage itself
+        other = tmp_path / "other"
+        other.mkdir()
+        served = threading.Thread(target=host.answer)
+        served.start()
+        assert delegate("validate", str(other)) is None
+        served.join(10)
+        assert len(seen) == 1
+    finally:
+        host.close()
+    assert delegate("validate", str(tmp_path)) is None  # the host is gone: run it here
+    monkeypatch.delenv(VARIABLE)
+    assert delegate("validate", str(tmp_path)) is None  # no host at all
+
+
+def _env(home: Path, idle: float) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_HOME": str(home), "CMKD_SERVER_IDLE_SECONDS": str(idle)})
+    return env
+
+
+def _ensure(home: Path, idle: float) -> tuple[str, bool]:
+    code = "import json; from flows.local_server import ensure_server as e; print(json.dumps(e()))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(home, idle),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=240,
+    )
+    url, started = json.loads(done.stdout.strip().splitlines()[-1])
+    return url, started
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_shared_server_starts_once_is_reused_and_stops_when_idle(tmp_path):
+    home = tmp_path / "prefect"
+    try:
+        url, started = _ensure(home, idle=4)
+        assert started
+        pid = json.loads((home / INFO).read_text())["pid"]
+        again, started = _ensure(home, idle=4)
+        assert (again, started) == (url, False)
+        assert json.loads((home / INFO).read_text())["pid"] == pid
+        assert not list((home / "leases").iterdir())  # both commands have exited
+        assert _gone(pid, timeout=60), "the idle server did not stop"
+        assert not (home / INFO).exists()
+    finally:
+        stop_server(home)
+
+
+def test_a_bare_dvc_repro_starts_one_server_for_all_its_stages(tmp_path, fsdd_wheel):
+    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel)
+    home = repo / ".cmkd" / "prefect"
+    env = _env(home, idle=30)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", "validate"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert "Running stage 'prepare'" in output and "Running stage 'validate'" in output
+        assert "Starting temporary server" not in output
+        info = json.loads((home / INFO).read_text())
+        assert output.count(info["url"].removesuffix("/api")) == 2  # both stages, one server
+
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with (
+            temporary_settings({PREFECT_API_URL: info["url"]}),
+            get_client(sync_client=True) as client,
+        ):
+            names = sorted(run.name for run in client.read_flows())
+        assert {"prepare", "validate"} <= set(names)
+    finally:
+        assert stop_server(home) is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(info["pid"], 0)
