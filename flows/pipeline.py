@@ -11,7 +11,8 @@ The flow is what ``cmkd run`` and the scheduled deployment (``prefect.yaml``) ru
 4. ``dvc push`` of the new artifacts;
 5. a run record, ``.cmkd/runs/<time>-<flow run name>.json``: what was stale, what ran, what
    DVC restored from its run cache, whether it pushed, the ``dvc.lock`` digest (``dvc.lock``
-   itself is DVC's record of how each output was made).
+   itself is DVC's record of how each output was made), and the process's wall seconds
+   split into training, parity runs and overhead (tasks/timing.py), also in the run's log.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flows.stages import STAGES, run_stage
 from tasks.dvc import pull, push, reproduce_stage, stale_stages
 from tasks.layout import Layout
 from tasks.stage_host import hosting
+from tasks.timing import report
 
 
 def _api_url() -> str | None:
@@ -118,6 +120,11 @@ def pipeline(root: str = ".") -> dict:
     else:
         logger.info("nothing to do: every stage is up to date")
         record["pushed"] = False
+    record["timing"] = timing = report()
+    logger.info(
+        "this run so far: %.1f s wall, %.1f s training and %.1f s parity runs, %.1f s overhead",
+        *(timing[k] for k in ("wall", "training", "parity", "overhead")),
+    )
     lock = root_path / "dvc.lock"
     record["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
     record["nothing_to_do"] = not stale

@@ -27,6 +27,7 @@ from cmkd_core.export import (
 from cmkd_core.models.checkpoint import load_classifier
 from tasks.data import write_json
 from tasks.layout import Layout
+from tasks.timing import computing
 
 
 def _sha256_json(payload: object) -> str:
@@ -39,7 +40,8 @@ def _int8(layout: Layout, params: Params, source, test, float_accuracy: float) -
     staging = layout.onnx_int8.with_name(".staging-" + layout.onnx_int8.name)
     try:
         quantize_int8(source, staging)
-        accuracy = onnx_accuracy(staging, test)
+        with computing("parity"):
+            accuracy = onnx_accuracy(staging, test)
         drop = round(100 * (float_accuracy - accuracy), 9)  # 3 of 600 is 0.5, not 0.5000001
         verdict = {
             "quantized_ops": list(INT8_OPS),
@@ -83,7 +85,8 @@ def export_student(layout: Layout, params: Params) -> dict:
     staging = layout.onnx.with_name(".staging-" + layout.onnx.name)
     try:
         export_onnx(model, test, staging, opset=params.export.opset)
-        parity = check_parity(model, staging, test, atol=params.export.atol)
+        with computing("parity"):
+            parity = check_parity(model, staging, test, atol=params.export.atol)
         expected = metrics["student"]["test_accuracy"]
         if abs(parity.onnx_accuracy - expected) > 1e-12:
             raise ParityError(

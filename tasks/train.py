@@ -21,6 +21,7 @@ from cmkd_core.models.checkpoint import load_classifier, save_classifier
 from cmkd_core.teachers import bank_from_embeddings, bank_from_module, bank_from_onnx
 from tasks.data import write_json
 from tasks.layout import Layout
+from tasks.timing import computing
 
 
 def _checkpoint(layout: Layout, name: str, params: TeacherParams | DistillParams) -> tuple:
@@ -54,7 +55,8 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
         return _given_teacher(layout, params, dataset)
     device = resolve_device(params.device)
     checkpoint = _checkpoint(layout, "teacher", params)
-    fitted, data = fit_teacher(dataset, params, device, checkpoint=checkpoint)
+    with computing("training"):
+        fitted, data = fit_teacher(dataset, params, device, checkpoint=checkpoint)
     # Reported for information only; selection used val.
     metrics = {
         "best_epoch": fitted.result.best_epoch,
@@ -152,7 +154,8 @@ def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
     bank = load_bank(layout.bank)
     dataset = check_dataset(layout.student_data, classes=bank.classes)
     checkpoint = _checkpoint(layout, f"distill-{method}", params)
-    fitted, _ = fit_student(dataset, bank, params, method, device, checkpoint=checkpoint)
+    with computing("training"):
+        fitted, _ = fit_student(dataset, bank, params, method, device, checkpoint=checkpoint)
     summary = write_student(
         fitted,
         dataset,

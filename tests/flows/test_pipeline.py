@@ -87,6 +87,26 @@ def test_pipeline_flow_runs_every_stage_and_reports(pipeline_run, scratch_repo):
     }
 
 
+def test_stages_ran_in_the_pipelines_process_as_its_subflows_and_the_run_timed(
+    pipeline_run, scratch_repo
+):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    record = json.loads(Path(pipeline_run["record"]).read_text())
+    with get_client(sync_client=True) as client:
+        for stage in STAGES:
+            names = FlowFilter(name=FlowFilterName(any_=[stage]))
+            runs = [r for r in client.read_flow_runs(flow_filter=names) if r.parent_task_run_id]
+            assert runs, f"no {stage} flow run under a pipeline task"
+            parents = {client.read_task_run(r.parent_task_run_id).flow_run_id for r in runs}
+            assert record["flow_run_id"] in {str(p) for p in parents}, stage
+    timing = record["timing"]
+    assert timing["training"] > 0 and timing["parity"] > 0
+    rest = timing["wall"] - timing["training"] - timing["parity"]
+    assert timing["overhead"] == pytest.approx(rest, abs=0.2)
+
+
 def test_onnx_student_reproduces_the_reported_test_accuracy(pipeline_run, scratch_repo):
     onnx_path = Path(pipeline_run["onnx"])
     card = json.loads((scratch_repo / "data" / "export" / "model_card.json").read_text())
