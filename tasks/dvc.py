@@ -249,7 +249,11 @@ def reproduce_stage(
             error = None
         if error is not None and error.get("stage") == stage:
             raise StageFailedError(f"stage {stage!r} failed: {error['message']}", error["exit"])
-        raise StageFailedError(f"stage {stage!r} failed: `dvc repro {stage}` exited {status}")
+        said = [line for line in output.splitlines() if line.startswith("ERROR:")]
+        reason = f": {said[-1].removeprefix('ERROR:').strip()}" if said else ""
+        raise StageFailedError(
+            f"stage {stage!r} failed: `dvc repro {stage}` exited {status}{reason}"
+        )
     if f"Running stage '{stage}'" in output:
         return "ran"
     return "restored" if "is cached - skipping run" in output else "skipped"
