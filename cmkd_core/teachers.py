@@ -233,3 +233,65 @@ def bank_from_embeddings(
         raise BankError(f"{head}: not a readable safetensors file: {exc}") from None
     info = {"source": "embeddings", "file": file, "head": head.name}
     return _bank_from_outputs(where, dataset, features, None, (weight, bias), info)
+
+
+HEAD_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+"""The L2 strengths tried for a head fitted on vectors; the best on the val rows is kept."""
+
+
+def fit_linear_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    steps: int = 200,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (L-BFGS, float64) with an L2 penalty ``l2`` on the
+    weight: ``features`` ``(N, d)``, ``labels`` ``(N,)`` int64. Returns ``weight (C, d)`` and
+    ``bias (C,)``, float64. Deterministic: it starts from zero."""
+    x = features.double()
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, labels)
+        loss = loss + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def bank_from_vectors(dataset: ModalityDataset) -> tuple[TeacherBank, dict[str, float]]:
+    """The bank of a dataset whose samples are already the teacher's features (shape ``(d,)``:
+    sentence embeddings of texts, :mod:`cmkd_core.text`): the rows as they are, and a linear
+    head fitted on the train rows, its L2 strength chosen from :data:`HEAD_L2` on the val rows
+    (ties to the stronger)."""
+    meta = dataset.meta
+    if meta.kind != "fixed" or len(meta.sample_shape) != 1:
+        raise BankError(
+            f"{dataset.root}: {meta.kind} samples of shape {meta.sample_shape}; a head can be "
+            "fitted only on vectors (d,)"
+        )
+    features = dataset.fixed_arrays(dataset.manifest).astype(np.float64)
+    labels = torch.from_numpy(samples_labels(dataset))
+    splits = np.array([SPLITS.index(s) for s in dataset.manifest["split"]])
+    train = torch.from_numpy(splits == SPLITS.index("train"))
+    val = torch.from_numpy(splits == SPLITS.index("val"))
+    x = torch.from_numpy(features)
+    best = None
+    with torch.enable_grad():
+        for l2 in sorted(HEAD_L2, reverse=True):
+            weight, bias = fit_linear_head(x[train], labels[train], len(meta.classes), l2)
+            score = float(((x[val] @ weight.T + bias).argmax(1) == labels[val]).double().mean())
+            if best is None or score > best[0]:
+                best = (score, l2, weight, bias)
+    _, l2, weight, bias = best
+    info = {"source": "text" if meta.modality == "text" else "vectors", "head_l2": l2}
+    info.update({k: v for k, v in meta.extra.items() if k in ("text_model", "texts")})
+    return _bank_from_outputs(
+        str(dataset.root), dataset, features, None, (weight.numpy(), bias.numpy()), info
+    )

@@ -23,13 +23,20 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
-from cmkd_core.bench_summary import headline_table, markdown_table, summarise, with_auto
-from cmkd_core.benchmark import PAIRS, Grid, run_grid
+from cmkd_core.bench_summary import (
+    geometry_table,
+    headline_table,
+    markdown_table,
+    summarise,
+    with_auto,
+)
+from cmkd_core.benchmark import PAIRS, Grid, pair_missing, run_grid
 from cmkd_core.config import DistillParams, TeacherParams, load_params
 from cmkd_core.data import write_text_atomic
 from cmkd_core.distill.auto import VARIANTS
@@ -158,6 +165,13 @@ def default_jobs() -> int:
 
 def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     grid = grid_from(args, layout)
+    skipped = {pair: why for pair in grid.pairs if (why := pair_missing(pair))}
+    for pair, why in skipped.items():  # an optional pair whose data or model is not here
+        print(f"skipping {pair}: {why}", flush=True)
+    grid = replace(grid, pairs=tuple(p for p in grid.pairs if p not in skipped))
+    if not grid.pairs:
+        print("cmkd bench: none of the pairs asked for can run here", flush=True)
+        return 2
     wheel = layout.root / load_params(layout.params).data.fsdd_wheel
     name = args.name or ("methods-quick" if args.quick else "methods")
     out = Path(args.out)
@@ -186,7 +200,7 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
             on_record=record,
         )
     rows = summarise(records)
-    table = headline_table(rows) + "\n" + markdown_table(rows)
+    table = geometry_table(records) + "\n" + headline_table(rows) + "\n" + markdown_table(rows)
     payload = {
         "command": "cmkd " + " ".join(args.argv),
         "grid": {
@@ -199,6 +213,7 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
             **settings,
         },
         "teachers": teachers,
+        "skipped_pairs": skipped,
         "resumed_runs": len(done),
         "wall_seconds": time.perf_counter() - start,
         "summary": rows,

@@ -62,9 +62,23 @@ def summary_text(metrics: dict, onnx: str) -> str:
             f"{ce['test_accuracy']:.4f}   macro-F1 {ce['test_macro_f1']:.4f}",
             f"  shipped vs CE-only on test: {gain:+.2f} points"
             f" ({student['labelled_train']} labelled student {samples})",
+            *_geometry_line(metrics.get("class_similarity")),
             f"  ONNX student: {onnx}",
         ]
     )
+
+
+def _geometry_line(found: dict | None) -> list[str]:
+    """The class-similarity diagnostic in one line, with what it means."""
+    if not found:
+        return []
+    r, p = found["correlation"], found["p_value"]
+    verdict = (
+        "the classes the teacher finds alike, the student finds alike too"
+        if r >= 0.3 and p < 0.05
+        else "little shared class structure: expect gains from unlabelled data, not semantics"
+    )
+    return [f"  class geometry, teacher vs CE-only student: r = {r:+.2f} (p = {p:.3f}): {verdict}"]
 
 
 def bank_text(facts: dict) -> str:
@@ -85,6 +99,13 @@ def bank_text(facts: dict) -> str:
         lines.append(
             f"  {c:<10} {counts['train'][c]:>6} {counts['val'][c]:>6} {counts['test'][c]:>6}"
         )
+    if "nearest_class" in facts:
+        lines.append(
+            "  most similar class (cosine of class means in the teacher's space): "
+            + ", ".join(f"{c}~{d} {v:.2f}" for c, (d, v) in facts["nearest_class"].items())
+        )
+    if facts.get("class_similarity"):
+        lines += _geometry_line(facts["class_similarity"])
     source = facts["info"].get("source", "trained by the pipeline")
     lines.append(f"  source: {source}")
     return "\n".join(lines)
@@ -115,6 +136,24 @@ def _run_flow(function, **kwargs):
         )
     with temporary_settings(updates):
         return function(**kwargs)
+
+
+def _student_geometry(layout, bank) -> dict | None:
+    """The class-similarity diagnostic of ``bank`` against this project's CE-only student, if
+    a run has trained one on the prepared student data with the bank's classes."""
+    weights = layout.student_weights("ce")
+    if not weights.is_file() or len(bank.classes) < 3:
+        return None
+    from cmkd_core.align.measure import class_geometry
+    from cmkd_core.data import check_dataset
+    from cmkd_core.models.checkpoint import load_classifier
+
+    model, _, _ = load_classifier(weights)
+    try:
+        dataset = check_dataset(layout.student_data, classes=list(bank.classes))
+    except ValueError:
+        return None
+    return class_geometry(model, bank, dataset)
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -314,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bank":
             from cmkd_core.bank import describe_bank, load_bank
 
-            facts = describe_bank(load_bank(args.path or layout.bank))
+            bank = load_bank(args.path or layout.bank)
+            facts = describe_bank(bank)
+            facts["class_similarity"] = _student_geometry(layout, bank)
             print(json.dumps(facts, indent=1) if args.json else bank_text(facts))
             return 0
         if args.command == "import":

@@ -18,14 +18,21 @@ from tasks.layout import Layout
 @flow(name="prepare")
 def prepare(root: str = ".") -> dict:
     """Write the embedded default pair, or copy the imported one, into ``data/prepared``
-    (params: ``data``)."""
-    from tasks.data import copy_imported_pair, materialise_default_pair
+    (params: ``data``); with ``teacher.source: text`` the teacher dataset is the texts
+    embedded instead (``teacher.texts``, ``teacher.text_model``)."""
+    from tasks.data import copy_imported_pair, materialise_default_pair, texts_teacher
 
     layout = Layout(Path(root))
-    params = load_params(layout.params).data
-    if params.source == "import":
-        return copy_imported_pair(layout, params)
-    return materialise_default_pair(layout, params)
+    params = load_params(layout.params)
+    text = params.teacher.source == "text"
+    if params.data.source == "import":
+        roles = ("student",) if text else ("teacher", "student")
+        counts = copy_imported_pair(layout, params.data, roles)
+    else:
+        counts = materialise_default_pair(layout, params.data)
+    if text:
+        counts.update(texts_teacher(layout, params.teacher, params.data))
+    return counts
 
 
 @flow(name="validate")

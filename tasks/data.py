@@ -9,9 +9,16 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from cmkd_core.config import DataParams, load_params
+from cmkd_core.config import DataParams, TeacherParams, load_params
 from cmkd_core.data import check_pair, sha256_file, write_dataset, write_text_atomic
-from cmkd_core.data.contract import LABELLED, SPLITS, DataContractError, ModalityDataset, Problem
+from cmkd_core.data.contract import (
+    LABELLED,
+    SPLITS,
+    DataContractError,
+    ModalityDataset,
+    Problem,
+    read_dataset,
+)
 from cmkd_core.data.defaults import audio_dataset, image_dataset, labelled_subset
 from tasks.layout import Layout
 
@@ -45,20 +52,23 @@ def materialise_default_pair(layout: Layout, params: DataParams) -> dict[str, in
 
 
 @task(name="copy-imported-pair", cache_policy=NONE, retries=1)
-def copy_imported_pair(layout: Layout, params: DataParams) -> dict[str, int]:
-    """Copy the user's contract folders ``import_dir/{teacher,student}`` into
-    ``data/prepared``; a student without ``labelled.csv`` gets ``labelled_per_class`` labels per
-    class drawn with ``seed``. Checking them is the ``validate`` stage's job."""
+def copy_imported_pair(
+    layout: Layout, params: DataParams, roles: tuple[str, ...] = ("teacher", "student")
+) -> dict[str, int]:
+    """Copy the user's contract folders ``import_dir/{teacher,student}`` (those of ``roles``)
+    into ``data/prepared``; a student without ``labelled.csv`` gets ``labelled_per_class`` labels
+    per class drawn with ``seed``. Checking them is the ``validate`` stage's job."""
     source = layout.root / params.import_dir
     counts: dict[str, int] = {}
     missing = [
         Problem(str(source / role), "-", "-", "exists", "no imported dataset (manifest.csv)")
-        for role in ("teacher", "student")
+        for role in roles
         if not (source / role / "manifest.csv").is_file()
     ]
     if missing:  # before anything is copied
         raise DataContractError(missing)
-    for role, target in (("teacher", layout.teacher_data), ("student", layout.student_data)):
+    targets = {"teacher": layout.teacher_data, "student": layout.student_data}
+    for role, target in ((role, targets[role]) for role in roles):
         folder = source / role
         staging = target.with_name(f".staging-{role}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -78,6 +88,37 @@ def copy_imported_pair(layout: Layout, params: DataParams) -> dict[str, int]:
         counts[f"{role}_samples"] = len((target / "manifest.csv").read_text().splitlines()) - 1
     get_run_logger().info("imported %s", counts)
     return counts
+
+
+@task(name="embed-texts", cache_policy=NONE)
+def texts_teacher(layout: Layout, teacher: TeacherParams, data: DataParams) -> dict[str, int]:
+    """With ``teacher.source: text``: the teacher dataset ``data/prepared/teacher`` from the
+    texts CSV ``teacher.texts``, embedded by ``teacher.text_model`` (:mod:`cmkd_core.text`),
+    split per class with the ``data`` fractions and seed. Every label must be a class of the
+    prepared student and every student class needs a text; problems name the CSV."""
+    from cmkd_core.text import import_texts, load_text_encoder
+
+    classes = read_dataset(layout.student_data).meta.classes
+    encoder = load_text_encoder(teacher.text_model, layout.root)
+    target = layout.teacher_data
+    staging = target.with_name(".staging-teacher")
+    shutil.rmtree(staging, ignore_errors=True)
+    import_texts(
+        layout.root / teacher.texts,
+        staging,
+        encoder,
+        name="texts",
+        model=teacher.text_model,
+        classes=classes,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        seed=data.seed,
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    texts = len((target / "manifest.csv").read_text().splitlines()) - 1
+    get_run_logger().info("embedded %d texts with %s", texts, teacher.text_model)
+    return {"teacher_samples": texts}
 
 
 def _summary(ds: ModalityDataset) -> dict:

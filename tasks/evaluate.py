@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from cmkd_core.align.measure import alignment, pca_2d, projected_features
+from cmkd_core.align.measure import alignment, class_geometry, pca_2d, projected_features
 from cmkd_core.bank import load_bank
 from cmkd_core.data import atomic_path, check_dataset, write_text_atomic
 from cmkd_core.data.tensors import samples_of
@@ -183,6 +183,10 @@ def evaluate_students(layout: Layout, method: str) -> dict:
             "test_accuracy": results[method]["test_accuracy"] - results["ce"]["test_accuracy"],
             "test_macro_f1": results[method]["test_macro_f1"] - results["ce"]["test_macro_f1"],
         },
+        # does the teacher's class geometry match the student's? (cmkd_core/align/similarity.py)
+        "class_similarity": class_geometry(models["ce"], bank, dataset)
+        if len(classes) >= 3
+        else None,
     }
     layout.plots.mkdir(parents=True, exist_ok=True)
     _learning_curves(histories, layout.plots)

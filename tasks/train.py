@@ -18,7 +18,12 @@ from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.auto import candidates, choose, students_of
 from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
 from cmkd_core.models.checkpoint import load_classifier, save_classifier
-from cmkd_core.teachers import bank_from_embeddings, bank_from_module, bank_from_onnx
+from cmkd_core.teachers import (
+    bank_from_embeddings,
+    bank_from_module,
+    bank_from_onnx,
+    bank_from_vectors,
+)
 from tasks.data import write_json
 from tasks.layout import Layout
 from tasks.timing import computing
@@ -77,7 +82,8 @@ def _given_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
     """The bank from a teacher the user brings (``teacher.source``); ``teacher.safetensors``
     then records the head and where the teacher came from (there are no trained weights).
     ``teacher.embeddings`` naming a folder (``data/import/teacher``) means the teacher dataset's
-    own samples are the embeddings; ``teacher.model`` and the training settings are unused."""
+    own samples are the embeddings; ``teacher.model`` and the training settings are unused.
+    ``text``: the teacher dataset is the embedded texts, the head is fitted on them."""
     root = layout.root
     if params.source == "onnx":
         path = root / params.onnx
@@ -85,6 +91,9 @@ def _given_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
     elif params.source == "torch":
         path = root / params.weights
         bank, accuracy = bank_from_module(params.module, path, dataset, params.module_kwargs)
+    elif params.source == "text":  # the prepare stage embedded teacher.texts: fit the head
+        path = dataset.root / dataset.manifest["file"].iloc[0]
+        bank, accuracy = bank_from_vectors(dataset)
     else:
         path = root / params.embeddings
         if path.is_dir():  # the teacher dataset itself: its (d,) samples are the embeddings

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cmkd_core.align.feature import feature_alignment
+from cmkd_core.align.similarity import class_similarity, similarity_correlation
 from cmkd_core.bank import TeacherBank
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.tensors import samples_of
@@ -69,3 +70,24 @@ def pca_2d(*clouds: torch.Tensor) -> list[np.ndarray]:
         out.append(flat[start : start + len(cloud)])
         start += len(cloud)
     return out
+
+
+@torch.no_grad()
+def class_geometry(
+    model: Classifier, bank: TeacherBank, dataset: ModalityDataset, split: str = "val"
+) -> dict:
+    """The class-similarity diagnostic (:mod:`cmkd_core.align.similarity`) for ``model`` (a
+    CE-only student, so that nothing of the teacher is in it) against ``bank``: the teacher's
+    similarities from the bank's train rows, the student's from its own features (before the
+    projector) on ``split``. Returns ``correlation``, ``p_value``, ``permutations``."""
+    model = model.cpu().eval()
+    samples = samples_of(dataset, dataset.rows(split), bank.classes)
+    chunks = [
+        model.features(*samples.take(torch.arange(i, min(i + 512, len(samples))))[0])
+        for i in range(0, len(samples), 512)
+    ]
+    num = len(bank.classes)
+    train = bank.split("train")
+    teacher = class_similarity(bank.features[train], bank.labels[train], num)
+    student = class_similarity(torch.cat(chunks), samples.labels, num)
+    return similarity_correlation(teacher, student)

@@ -6,7 +6,8 @@ and at a tenth of them, ``sinkhorn_ssl`` when there are unlabelled student sampl
 so ``auto`` never ships a student that is worse than CE *on validation*; test data is never
 read to choose.
 
-Named variants (``joint_w0.1``) are a registered method with some params changed; they can be
+Named variants (``joint_w0.1``; ``sinkhorn_ssl_sem``, with the teacher's class semantics) are
+a registered method with some params changed; they can be
 used anywhere a method name is (``distill.method``, ``cmkd bench --methods``).
 """
 
@@ -19,6 +20,7 @@ from cmkd_core.distill.methods import method_class
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "joint_w0.1": ("joint", {"w_fa": 0.1, "w_la": 0.1}),
+    "sinkhorn_ssl_sem": ("sinkhorn_ssl", {"ssl": {"semantic": 0.5}}),
 }
 BASELINE = "ce"
 
@@ -28,7 +30,11 @@ def resolve(name: str, params: DistillParams) -> tuple[str, DistillParams]:
     overrides applied); an unknown name raises ``KeyError`` listing the valid ones."""
     if name in VARIANTS:
         method, overrides = VARIANTS[name]
-        return method, params.model_copy(update=overrides)
+        update = {  # a nested section (ssl, ot) keeps its other values
+            key: getattr(params, key).model_copy(update=value) if isinstance(value, dict) else value
+            for key, value in overrides.items()
+        }
+        return method, params.model_copy(update=update)
     method_class(name)  # raises with the list of registered methods
     return name, params
 

@@ -201,6 +201,20 @@ def test_auto_candidates_choice_and_variants():
         choose({"joint": 0.8})
     method, params = resolve("joint_w0.1", DistillParams())
     assert method == "joint" and (params.w_fa, params.w_la) == (0.1, 0.1)
-    assert set(VARIANTS) == {"joint_w0.1"}
+    assert set(VARIANTS) == {"joint_w0.1", "sinkhorn_ssl_sem"}
+    method, params = resolve("sinkhorn_ssl_sem", DistillParams(ssl={"start": 7}))
+    assert method == "sinkhorn_ssl" and params.ssl.semantic == 0.5
+    assert params.ssl.start == 7  # a nested override keeps the section's other values
     with pytest.raises(KeyError, match="unknown method 'jointt'"):
         resolve("jointt", DistillParams())
+
+
+def test_class_semantics_put_a_classes_mass_on_the_classes_the_teacher_finds_alike():
+    import torch.nn.functional as F
+
+    from cmkd_core.distill.methods.sinkhorn_ssl import class_semantics
+
+    means = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [0.0, 1.0, 0.0]]), dim=1)
+    k = class_semantics(means, temperature=0.05)
+    assert torch.allclose(k.sum(1), torch.ones(3)) and torch.all(k.diagonal() == 0)
+    assert k[0, 1] > 0.99 and k[1, 0] > 0.99  # classes 0 and 1 are alike, 2 is not

@@ -140,3 +140,16 @@ def test_summary_of_auto_says_what_won_and_by_how_much_on_validation():
     shipped = next(line for line in lines if "shipped student" in line)
     assert "(auto: sinkhorn_ssl)" in shipped and "test accuracy 0.8000" in shipped
     assert lines[-2].startswith("  shipped vs CE-only on test: +10.00 points")
+
+
+def test_the_summary_says_whether_the_teacher_and_student_agree_on_which_classes_are_alike():
+    def geometry(r: float, p: float) -> str:
+        metrics = {**_metrics(), "class_similarity": {"correlation": r, "p_value": p}}
+        return summary_text(metrics, "student.onnx").splitlines()[-2]
+
+    shared = geometry(0.71, 0.002)
+    assert shared.startswith("  class geometry, teacher vs CE-only student: r = +0.71 (p = 0.002)")
+    assert "the student finds alike too" in shared
+    assert "little shared class structure" in geometry(0.04, 0.41)
+    assert "little shared class structure" in geometry(0.5, 0.2)  # not significant
+    assert "class geometry" not in summary_text(_metrics(), "student.onnx")  # older metrics

@@ -13,7 +13,10 @@ each class occurs (the bank's class proportions ``pi``). This method uses both.
   ``ssl.iterations``, no gradient); the strong view learns them with
   ``softCE(head(f_s), q) + softCE(r(f_s), q)``, off for ``ssl.start`` steps and then ramped.
 
-With no unlabelled samples it reduces to its labelled terms. The benchmark's controls replace
+With ``ssl.semantic`` the bank's class similarities also become soft labels (which other
+classes a sample of class ``y`` resembles, :func:`class_semantics`): a term beside the labelled
+CE, and a share of every unlabelled target. With no unlabelled samples it reduces to its
+labelled terms. The benchmark's controls replace
 the bank's class means with random unit vectors (``random_prototypes``) or permute its classes
 (``shuffled``) to tell the teacher's contribution from that of the unlabelled data.
 """
@@ -45,6 +48,15 @@ def class_prototypes(bank: TeacherBank, center: bool = False) -> tuple[torch.Ten
     return F.normalize(means, dim=1), counts / counts.sum()
 
 
+def class_semantics(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``K (C, C)``: row ``y`` is a distribution over the classes other than ``y``,
+    ``softmax_{c != y}(cos(mu_y, mu_c) / temperature)``, from unit class means ``(C, d)``
+    (``ssl.semantic``: which classes the teacher finds alike)."""
+    similarity = prototypes @ prototypes.T / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    return F.softmax(similarity, dim=1)
+
+
 @register_method("sinkhorn_ssl")
 class SinkhornSSL(Method):
     """CE + prototype CE on labelled samples; balanced Sinkhorn soft targets on unlabelled."""
@@ -58,6 +70,9 @@ class SinkhornSSL(Method):
         prototypes, proportions = class_prototypes(bank, params.ssl.center)
         self.register_buffer("prototypes", prototypes)
         self.register_buffer("proportions", proportions)
+        self.register_buffer(
+            "semantics", class_semantics(prototypes, params.ssl.semantic_temperature)
+        )
 
     def prototype_logits(self, model: Classifier, features: torch.Tensor) -> torch.Tensor:
         """``cos(P f, mu_c) / temperature`` ``(B, C)`` for student features ``(B, d_S)``."""
@@ -68,6 +83,9 @@ class SinkhornSSL(Method):
         proto = F.cross_entropy(self.prototype_logits(model, features), batch.labels)
         terms = {"proto_ce": (1.0, proto)}
         ssl = self.params.ssl
+        if ssl.semantic > 0:
+            semantic = soft_cross_entropy(logits, self.semantics[batch.labels])
+            terms["semantic"] = (ssl.semantic, semantic)
         weight = ramp_weight(batch.step, ssl.weight, ssl.start, ssl.ramp)
         if batch.unlabelled is None or batch.unlabelled_strong is None or weight == 0.0:
             return terms
@@ -76,6 +94,9 @@ class SinkhornSSL(Method):
             targets, _ = balanced_assignment(
                 1.0 - weak @ self.prototypes.T, self.proportions, ssl.eps, ssl.iterations
             )
+            if ssl.semantic > 0:
+                mix = min(1.0, ssl.semantic)
+                targets = (1.0 - mix) * targets + mix * targets @ self.semantics
         strong = model.features(*batch.unlabelled_strong)
         loss = soft_cross_entropy(model.head(strong), targets) + soft_cross_entropy(
             self.prototype_logits(model, strong), targets
