@@ -20,7 +20,7 @@ from cmkd_core.distill.methods import method_class
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "joint_w0.1": ("joint", {"w_fa": 0.1, "w_la": 0.1}),
-    "sinkhorn_ssl_sem": ("sinkhorn_ssl", {"ssl": {"semantic": 0.5}}),
+    "sinkhorn_ssl_sem": ("sinkhorn_ssl", {"ssl": {"semantic": 0.3}}),
 }
 BASELINE = "ce"
 

@@ -203,7 +203,7 @@ def test_auto_candidates_choice_and_variants():
     assert method == "joint" and (params.w_fa, params.w_la) == (0.1, 0.1)
     assert set(VARIANTS) == {"joint_w0.1", "sinkhorn_ssl_sem"}
     method, params = resolve("sinkhorn_ssl_sem", DistillParams(ssl={"start": 7}))
-    assert method == "sinkhorn_ssl" and params.ssl.semantic == 0.5
+    assert method == "sinkhorn_ssl" and params.ssl.semantic == 0.3
     assert params.ssl.start == 7  # a nested override keeps the section's other values
     with pytest.raises(KeyError, match="unknown method 'jointt'"):
         resolve("jointt", DistillParams())
