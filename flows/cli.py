@@ -432,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                 return exc.exit_code
             if result["nothing_to_do"]:
                 print("cmkd: nothing to do, every stage is up to date; the last results:")
-            print(summary_text(result["metrics"], result["onnx"]))
+            onnx = Path(result["onnx"])
+            if onnx.is_relative_to(Path.cwd()):
+                onnx = onnx.relative_to(Path.cwd())  # as the user would type it
+            print(summary_text(result["metrics"], str(onnx)))
             return 0
         metrics = json.loads(layout.metrics.read_text())
         print(summary_text(metrics, str(layout.onnx)))
