@@ -204,6 +204,10 @@ def headline_table(
     return "\n".join(lines) + "\n"
 
 
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def geometry_table(records: list[dict]) -> str:
     """Per pair, the class-similarity diagnostic (:mod:`cmkd_core.align.similarity`) beside
     the paper's two alignment quantities, all from the CE-only students of the largest labelled
@@ -222,7 +226,7 @@ def geometry_table(records: list[dict]) -> str:
         g = group[group.budget == budget]
         lines.append(
             f"| {pair} | {budget} | {g.similarity_r.mean():+.2f} ± {_std(g.similarity_r):.2f} "
-            f"| {g.similarity_p.max():.3f} | {g.fa_distance.mean():.3f} "
+            f"| {_p(g.similarity_p.max())} | {g.fa_distance.mean():.3f} "
             f"| {g.la_distance.mean():.3f} |"
         )
     return "\n".join(lines) + "\n"

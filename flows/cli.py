@@ -78,7 +78,8 @@ def _geometry_line(found: dict | None) -> list[str]:
         if r >= 0.3 and p < 0.05
         else "little shared class structure: expect gains from unlabelled data, not semantics"
     )
-    return [f"  class geometry, teacher vs CE-only student: r = {r:+.2f} (p = {p:.3f}): {verdict}"]
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return [f"  class geometry, teacher vs CE-only student: r = {r:+.2f} ({shown}): {verdict}"]
 
 
 def bank_text(facts: dict) -> str:
