@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         code = delegate(args.name, args.root)
         if code is not None:
             return code
+    if args.command in ("run", "stage"):  # the local server, if needed, starts meanwhile
+        from flows.local_server import start_early
+
+        start_early()
     if args.command == "server" and args.stop:
         from flows.local_server import stop_server
 

@@ -106,12 +106,42 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+_early: dict = {}
+
+
+def start_early() -> None:
+    """Begin :func:`ensure_server` in a background thread, so that a server that has to start
+    does so while this command imports Prefect and torch; :func:`ensure_server` then waits for
+    it. Nothing happens when ``PREFECT_API_URL`` is set (in the environment or the profile)."""
+    profiles = prefect_home() / "profiles.toml"
+    configured = profiles.is_file() and "PREFECT_API_URL" in profiles.read_text()
+    if os.environ.get("PREFECT_API_URL") or configured or "thread" in _early:
+        return
+
+    def work() -> None:
+        try:
+            _early["result"] = _ensure(prefect_home(), 120.0)
+        except Exception as exc:  # raised again by ensure_server, in the caller's thread
+            _early["error"] = exc
+
+    _early["thread"] = threading.Thread(target=work, name="cmkd-local-server", daemon=True)
+    _early["thread"].start()
+
+
 def ensure_server(home: Path | None = None, timeout: float = 120.0) -> tuple[str, bool]:
     """The API URL of ``home``'s shared server (default: :func:`prefect_home`), started in the
     background if none answers, and a lease on it for this process. Returns the URL and
-    whether this call started it. Raises ``RuntimeError`` (with the end of its log) if a new
-    server exits or does not answer within ``timeout`` seconds."""
-    home = prefect_home() if home is None else Path(home).resolve()
+    whether this call (or :func:`start_early`) started it. Raises ``RuntimeError`` (with the
+    end of its log) if a new server exits or does not answer within ``timeout`` seconds."""
+    if home is None and "thread" in _early:
+        _early["thread"].join()
+        if "error" in _early:
+            raise _early["error"]
+        return _early["result"]
+    return _ensure(prefect_home() if home is None else Path(home).resolve(), timeout)
+
+
+def _ensure(home: Path, timeout: float) -> tuple[str, bool]:
     with _locked(home):
         _hold_lease(home)  # first: a server starting now must not see itself idle and stop
         info = _read_info(home)
