@@ -124,6 +124,16 @@ def tiny_params() -> Params:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_server_left_behind():
+    """A command run without a Prefect API starts the shared local server of this session's
+    ``PREFECT_HOME`` (flows/local_server.py); stop it when the tests end."""
+    yield
+    from flows.local_server import stop_server
+
+    stop_server(Path(os.environ["PREFECT_HOME"]))
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for the whole session (real server, SQLite)."""

@@ -264,7 +264,8 @@ def test_dvc_remote_round_trip_restores_the_artifacts(pipeline_run, scratch_repo
 
 
 def test_dvc_experiment_over_a_seed(pipeline_run, scratch_repo):
-    done = _python(scratch_repo, "dvc", "exp", "run", "-S", "distill.seed=2", "-n", "seed2")
+    args = ("dvc", "exp", "run", "-S", "distill.seed=2", "-n", "seed2")
+    done = _python(scratch_repo, *args, api_url=_api_url())
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Running stage 'distill'" in done.stdout
     assert "Running stage 'teacher'" not in done.stdout
