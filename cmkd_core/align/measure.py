@@ -19,18 +19,24 @@ from cmkd_core.models import Classifier
 
 
 @torch.no_grad()
+def split_features(
+    model: Classifier, dataset: ModalityDataset, classes, split: str = "val", project: bool = False
+):
+    """Student features of ``split`` ``(N, d_S)`` (with ``project``, projected into the
+    teacher's space: ``(N, d_T)``) and their labels ``(N,)``."""
+    model = model.cpu().eval()
+    samples = samples_of(dataset, dataset.rows(split), classes)
+    chunks = []
+    for i in range(0, len(samples), 512):
+        features = model.features(*samples.take(torch.arange(i, min(i + 512, len(samples))))[0])
+        chunks.append(model.projector(features) if project else features)
+    return torch.cat(chunks), samples.labels
+
+
 def projected_features(model: Classifier, dataset: ModalityDataset, classes, split: str = "val"):
     """Student features of ``split`` projected into the teacher's space ``(N, d_T)`` and their
     labels ``(N,)``."""
-    model = model.cpu().eval()
-    samples = samples_of(dataset, dataset.rows(split), classes)
-    chunks = [
-        model.projector(
-            model.features(*samples.take(torch.arange(i, min(i + 512, len(samples))))[0])
-        )
-        for i in range(0, len(samples), 512)
-    ]
-    return torch.cat(chunks), samples.labels
+    return split_features(model, dataset, classes, split, project=True)
 
 
 @torch.no_grad()
@@ -80,14 +86,9 @@ def class_geometry(
     CE-only student, so that nothing of the teacher is in it) against ``bank``: the teacher's
     similarities from the bank's train rows, the student's from its own features (before the
     projector) on ``split``. Returns ``correlation``, ``p_value``, ``permutations``."""
-    model = model.cpu().eval()
-    samples = samples_of(dataset, dataset.rows(split), bank.classes)
-    chunks = [
-        model.features(*samples.take(torch.arange(i, min(i + 512, len(samples))))[0])
-        for i in range(0, len(samples), 512)
-    ]
+    features, labels = split_features(model, dataset, bank.classes, split)
     num = len(bank.classes)
     train = bank.split("train")
     teacher = class_similarity(bank.features[train], bank.labels[train], num)
-    student = class_similarity(torch.cat(chunks), samples.labels, num)
+    student = class_similarity(features, labels, num)
     return similarity_correlation(teacher, student)

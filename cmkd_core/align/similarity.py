@@ -17,17 +17,22 @@ import torch
 import torch.nn.functional as F
 
 
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean feature of each class ``(num_classes, d)``, in the dtype of ``features`` ``(N, d)``;
+    ``labels`` ``(N,)`` int64. A class without samples gets a zero row."""
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype)
+    sums.index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)
+    return sums / counts.clamp_min(1)[:, None]
+
+
 def class_similarity(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """Cosine similarity between class means.
 
     ``features`` ``(N, d)``, ``labels`` ``(N,)`` int64 in ``[0, num_classes)``; returns a
     ``(num_classes, num_classes)`` float64 array (a class without samples gives a zero row and
     column)."""
-    features = features.double()
-    means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
-    means.index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).double()
-    means = F.normalize(means / counts[:, None], dim=1)
+    means = F.normalize(class_means(features.double(), labels, num_classes), dim=1)
     return (means @ means.T).numpy()
 
 

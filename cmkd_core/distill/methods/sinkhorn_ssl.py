@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cmkd_core.align import balanced_assignment
+from cmkd_core.align.similarity import class_means
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DistillParams
 from cmkd_core.distill.methods.base import Batch, Method, ramp_weight, soft_cross_entropy
@@ -41,8 +42,7 @@ def class_prototypes(bank: TeacherBank, center: bool = False) -> tuple[torch.Ten
     labels, features = bank.labels[keep], bank.features[keep].float()
     num = len(bank.classes)
     counts = torch.bincount(labels, minlength=num).float()
-    sums = torch.zeros(num, features.shape[1]).index_add_(0, labels, features)
-    means = sums / counts.clamp_min(1)[:, None]
+    means = class_means(features, labels, num)
     if center:
         means = means - features.mean(0)
     return F.normalize(means, dim=1), counts / counts.sum()
