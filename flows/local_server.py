@@ -10,9 +10,14 @@ lease (``leases/PID``) while it runs; the server exits by itself once no lease h
 for ``CMKD_SERVER_IDLE_SECONDS`` (default 600). ``cmkd server --stop`` stops it now; with
 ``PREFECT_API_URL`` set (a server of your own, ``cmkd server``, Prefect Cloud) none is started.
 
-The server is ``python -m flows.local_server --port P --idle S`` with its output in
+The server is ``python -m flows.local_server --port P`` with its output in
 ``local-server.log``; ``local-server.lock`` keeps two commands from starting two servers and
 the server from stopping while a command is picking it up.
+
+A new SQLite database costs Prefect's migrations, about 8 s on 2 cores, once per project. The
+first server on a machine keeps a copy of its freshly migrated, still empty database in the
+user's cache (``$CMKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/cmkd``, else ``~/.cache/cmkd``), one
+per Prefect version; the next projects' servers start from that copy.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import atexit
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -212,6 +218,88 @@ def _watch(home: Path, server, idle: float) -> None:
                 server.should_exit = True
 
 
+def cache_dir() -> Path:
+    """Where cmkd keeps per-user files that outlive a project: ``$CMKD_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/cmkd``, else ``~/.cache/cmkd``."""
+    if os.environ.get("CMKD_CACHE_DIR"):
+        return Path(os.environ["CMKD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cmkd"
+
+
+def _sqlite_path() -> Path | None:
+    """The SQLite file of the server's database, or ``None`` for another database."""
+    url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", "")
+    prefix = "sqlite+aiosqlite:///"
+    if not url.startswith(prefix) or ":memory:" in url:
+        return None
+    return Path(url.removeprefix(prefix))
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """Copy SQLite database ``source`` to ``target`` through SQLite's backup (consistent even
+    if ``source`` is open), written beside ``target`` first and then renamed into place."""
+    import sqlite3
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with (
+            contextlib.closing(sqlite3.connect(source)) as src,
+            contextlib.closing(sqlite3.connect(partial)) as dst,
+        ):
+            src.backup(dst)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _template() -> Path:
+    """The per-user template database for the Prefect version and collections installed."""
+    from importlib.metadata import distributions
+
+    installed = sorted(
+        f"{d.metadata['Name']}=={d.version}"
+        for d in distributions()
+        if (d.metadata["Name"] or "").lower().startswith("prefect")
+    )
+    key = hashlib.sha256("\n".join(installed).encode()).hexdigest()[:16]
+    return cache_dir() / "prefect-db" / f"prefect-{key}.db"
+
+
+async def _migrate_and_register() -> None:
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    db = provide_database_interface()
+    await db.create_db()
+    async with await db.session() as session:
+        await run_block_auto_registration(session=session)
+        await session.commit()
+
+
+def prepare_database() -> tuple[str, bool]:
+    """Make sure the server's SQLite database exists, migrated and with Prefect's block types
+    registered, from the per-user template when there is one (see the module's docstring).
+    Returns what was done, for the log, and whether the database is ready as it is (the
+    server then skips its own block registration). Other databases are left to Prefect."""
+    database = _sqlite_path()
+    if database is None or database.exists():
+        return "database: existing", False
+    template = _template()
+    if template.is_file():
+        _copy_sqlite(template, database)
+        return f"database: copied from {template}", True
+    import asyncio
+
+    asyncio.run(_migrate_and_register())
+    try:
+        _copy_sqlite(database, template)
+    except OSError as exc:  # a read-only cache: fine, the next project migrates again
+        return f"database: migrated (no template kept: {exc})", True
+    return f"database: migrated, template kept at {template}", True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server in this process (what :func:`ensure_server` starts)."""
     parser = argparse.ArgumentParser(prog="python -m flows.local_server")
@@ -220,7 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PREFECT__SERVER_EPHEMERAL"] = "1"  # no UI, no background services
     import uvicorn
     from prefect.server.api.server import create_app
+    from prefect.settings import (
+        PREFECT_API_BLOCKS_REGISTER_ON_START,
+        PREFECT_API_DATABASE_MIGRATE_ON_START,
+        temporary_settings,
+    )
 
+    said, ready = prepare_database()
+    print(said, flush=True)
     app = create_app(ephemeral=True, final=True)
     server = uvicorn.Server(
         uvicorn.Config(app, host=HOST, port=args.port, log_level="error", lifespan="on")
@@ -229,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         target=_watch, args=(prefect_home(), server, idle_seconds()), daemon=True
     )
     watcher.start()
-    server.run()
+    skip = (PREFECT_API_BLOCKS_REGISTER_ON_START, PREFECT_API_DATABASE_MIGRATE_ON_START)
+    with temporary_settings(dict.fromkeys(skip, False) if ready else {}):
+        server.run()
     return 0
 
 

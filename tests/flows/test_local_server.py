@@ -53,17 +53,19 @@ def test_a_delegated_stage_runs_in_the_hosts_process_with_its_status_and_run_nam
     assert delegate("validate", str(tmp_path)) is None  # no host at all
 
 
-def _env(home: Path, idle: float) -> dict[str, str]:
+def _env(home: Path, idle: float, cache: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update({"PREFECT_HOME": str(home), "CMKD_SERVER_IDLE_SECONDS": str(idle)})
+    if cache is not None:
+        env["CMKD_CACHE_DIR"] = str(cache)
     return env
 
 
-def _ensure(home: Path, idle: float) -> tuple[str, bool]:
+def _ensure(home: Path, idle: float, cache: Path | None = None) -> tuple[str, bool]:
     code = "import json; from flows.local_server import ensure_server as e; print(json.dumps(e()))"
     done = subprocess.run(
         [sys.executable, "-c", code],
-        env=_env(home, idle),
+        env=_env(home, idle, cache),
         capture_output=True,
         text=True,
         check=True,
@@ -98,6 +100,31 @@ def test_the_shared_server_starts_once_is_reused_and_stops_when_idle(tmp_path):
         assert not (home / INFO).exists()
     finally:
         stop_server(home)
+
+
+def test_a_new_projects_server_starts_from_the_first_ones_migrated_database(tmp_path):
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    cache = tmp_path / "cache"
+    homes = [tmp_path / "first" / "prefect", tmp_path / "second" / "prefect"]
+    try:
+        said, block_types = [], []
+        for home in homes:
+            url, started = _ensure(home, idle=30, cache=cache)
+            assert started
+            said.append((home / "local-server.log").read_text())
+            with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as c:
+                block_types.append(sorted(b.slug for b in c.read_block_types()))
+                flow_id = c.create_flow_from_name("check")
+                assert [f.id for f in c.read_flows()] == [flow_id]  # its own, empty database
+        [template] = (cache / "prefect-db").glob("prefect-*.db")
+        assert f"database: migrated, template kept at {template}" in said[0]
+        assert f"database: copied from {template}" in said[1]
+        assert block_types[0] == block_types[1] and "secret" in block_types[1]
+    finally:
+        for home in homes:
+            stop_server(home)
 
 
 def test_a_bare_dvc_repro_starts_one_server_for_all_its_stages(tmp_path, fsdd_wheel):
