@@ -112,10 +112,25 @@ def bank_text(facts: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_flow(function, **kwargs):
+# What the pipeline's stages import, in the order they need it: imported while the local
+# server starts (ensure_server's ``meanwhile``), not after it.
+_STAGE_MODULES = (
+    "dvc.repo",  # status, pull and push (tasks/dvc.py)
+    "tasks.data",
+    "sklearn.datasets",  # the embedded default's images
+    "cmkd_core.bank",
+    "tasks.train",
+    "torch._dynamo",  # the optimisers' first step imports it
+    "tasks.evaluate",
+    "tasks.export",
+    "torch.onnx._internal.exporter._compat",
+)
+
+
+def _run_flow(function, meanwhile: tuple[str, ...] = (), **kwargs):
     """``function(**kwargs)`` (a flow, or code that runs flows) against the configured Prefect
     API or, if none is, the project's shared local server (flows/local_server.py), not a
-    temporary one."""
+    temporary one; ``meanwhile``: modules to import while that server starts."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -126,7 +141,7 @@ def _run_flow(function, **kwargs):
     if not PREFECT_API_URL.value():
         from flows.local_server import ensure_server
 
-        url, started = ensure_server()
+        url, started = ensure_server(meanwhile=meanwhile)
         updates[PREFECT_API_URL] = url
         import logging
 
@@ -431,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             log = run_console(layout.logs, args.verbose)
             print(f"cmkd run: stage, outcome, seconds (full log: {log})", flush=True)
             try:
-                result = _run_flow(pipeline, root=args.root)
+                result = _run_flow(pipeline, meanwhile=_STAGE_MODULES, root=args.root)
             except StageFailedError as exc:
                 print(f"cmkd: {exc}\n  full log: {log}", file=sys.stderr)
                 return exc.exit_code

@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tasks  # noqa: F401  (Prefect's offline defaults, before Prefect is imported)
@@ -134,12 +135,23 @@ def start_early() -> None:
     _early["thread"].start()
 
 
-def ensure_server(home: Path | None = None, timeout: float = 120.0) -> tuple[str, bool]:
+def ensure_server(
+    home: Path | None = None, timeout: float = 120.0, meanwhile: Sequence[str] = ()
+) -> tuple[str, bool]:
     """The API URL of ``home``'s shared server (default: :func:`prefect_home`), started in the
     background if none answers, and a lease on it for this process. Returns the URL and
     whether this call (or :func:`start_early`) started it. Raises ``RuntimeError`` (with the
-    end of its log) if a new server exits or does not answer within ``timeout`` seconds."""
+    end of its log) if a new server exits or does not answer within ``timeout`` seconds.
+
+    While a server started by :func:`start_early` is still coming up, the modules named in
+    ``meanwhile`` are imported, in order, until it answers: the work a run will need anyway,
+    done on this core while the server starts on the other."""
     if home is None and "thread" in _early:
+        for module in meanwhile:
+            if not _early["thread"].is_alive():
+                break
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
         _early["thread"].join()
         if "error" in _early:
             raise _early["error"]
