@@ -113,8 +113,9 @@ def bank_text(facts: dict) -> str:
 
 
 # What the pipeline's stages import, in the order they need it: imported while the local
-# server starts (ensure_server's ``meanwhile``), not after it.
-_STAGE_MODULES = (
+# server starts (ensure_server's ``meanwhile``), not after it, and by a stage worker
+# (tasks/stage_worker.py) before it serves.
+STAGE_MODULES = (
     "dvc.repo",  # status, pull and push (tasks/dvc.py)
     "tasks.data",
     "sklearn.datasets",  # the embedded default's images
@@ -341,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.stage_host import delegate
 
         code = delegate(args.name, args.root)
+        if code is None:  # a bare `dvc repro`: the project's stage worker, if there is one
+            from tasks import stage_worker
+
+            code = stage_worker.delegate(args.name, args.root, args.argv)
         if code is not None:
             return code
     if args.command in ("run", "stage"):  # the local server, if needed, starts meanwhile
@@ -446,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             log = run_console(layout.logs, args.verbose)
             print(f"cmkd run: stage, outcome, seconds (full log: {log})", flush=True)
             try:
-                result = _run_flow(pipeline, meanwhile=_STAGE_MODULES, root=args.root)
+                result = _run_flow(pipeline, meanwhile=STAGE_MODULES, root=args.root)
             except StageFailedError as exc:
                 print(f"cmkd: {exc}\n  full log: {log}", file=sys.stderr)
                 return exc.exit_code

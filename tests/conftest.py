@@ -16,6 +16,8 @@ import yaml
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cmkd-prefect-home-")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# No stage worker outliving a test (tasks/stage_worker.py); test_stage_worker.py turns it on.
+os.environ["CMKD_STAGE_WORKER"] = "0"
 
 import tasks  # noqa: F401  (the project's Prefect defaults)
 from cmkd_core.config import DataParams, DistillParams, Params, TeacherParams

@@ -1,0 +1,273 @@
+"""A stage worker for a bare ``dvc repro``: stage commands that start in a fraction of a second.
+
+Without ``cmkd run`` around it (tasks/stage_host.py), ``dvc repro`` starts each stage as a new
+``cmkd stage NAME`` process that imports torch, Prefect, pandas and ONNX (3-4 s on 2 cores)
+before a few seconds of work. The first such command of a project starts this worker in the
+background and runs its own stage as before; the worker imports what the stages use, then
+waits. Each later stage command connects to it over a Unix socket and hands over its standard
+output and error; the worker forks a child, which already has everything imported, and the
+child runs the stage exactly as ``cmkd stage`` would, writing to the command's own output.
+The command exits with the child's status; if the command dies (killed, Ctrl-C), the worker
+kills the child, so the stage stops with it as it would have in its own process. DVC sees an
+ordinary command, as before.
+
+The worker serves one project directory, one interpreter and one version of the code: a
+command whose source files, interpreter or ``PREFECT_*`` / ``CMKD_*`` settings differ from the
+worker's is declined (it runs its stage itself) and the worker exits, to be replaced. It exits
+after ``CMKD_STAGE_WORKER_IDLE_SECONDS`` (default 300) without a request;
+``CMKD_STAGE_WORKER=0`` turns it off. Linux only (it forks); elsewhere commands run as before.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+IDLE_SECONDS = 300.0
+_SETTINGS = ("PREFECT_", "CMKD_", "PYTHON", "VIRTUAL_ENV", "OMP_", "MKL_", "CUDA_")
+_PER_RUN = ("CMKD_RUN_", "CMKD_STAGE_")
+_SOURCE = Path(__file__).resolve().parents[1]
+
+
+def enabled() -> bool:
+    """Whether stage commands use a worker here: on Linux, unless ``CMKD_STAGE_WORKER=0``."""
+    return sys.platform == "linux" and os.environ.get("CMKD_STAGE_WORKER", "1") != "0"
+
+
+def fingerprint(root: Path) -> str:
+    """What a worker must share with a command to run its stage: the project directory, the
+    interpreter, every source file's size and time, and the settings in the environment."""
+    digest = hashlib.sha256(f"{Path(root).resolve()}\n{sys.executable}\n".encode())
+    for package in ("cmkd_core", "flows", "tasks"):
+        for path in sorted((_SOURCE / package).rglob("*.py")):
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    for key in sorted(os.environ):
+        if key.startswith(_SETTINGS) and not key.startswith(_PER_RUN):
+            digest.update(f"{key}={os.environ[key]}\n".encode())
+    return digest.hexdigest()
+
+
+def socket_path(root: Path) -> Path:
+    """The worker's socket for project ``root``, in a folder of this user's only (a Unix
+    socket's path must stay short, so not under the project)."""
+    folder = Path(tempfile.gettempdir()) / f"cmkd-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return folder / f"stages-{key}.sock"
+
+
+def _starting(root: Path) -> bool:
+    """Whether a worker holds ``root``'s lock (it is importing, or serves)."""
+    with open(f"{socket_path(root)}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
+def _spawn(root: Path) -> None:
+    """Start a worker for ``root`` in the background, its output in ``.cmkd/stage-worker.log``."""
+    log = Path(root) / ".cmkd" / "stage-worker.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", "tasks.stage_worker", str(Path(root).resolve())],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command, untouched by its Ctrl-C
+        )
+
+
+def delegate(stage: str, root: str, argv: list[str]) -> int | None:
+    """From a ``cmkd stage`` command (``argv`` its arguments): have the project's worker run
+    the stage with this process's output and return its status; ``None`` when there is no
+    worker (one is started for the next command) or it declines: then run the stage here."""
+    if not enabled():
+        return None
+    project = Path(root).resolve()
+    request = {"root": str(project), "fingerprint": fingerprint(project), "argv": argv}
+    request["cwd"] = os.getcwd()
+    request["env"] = dict(os.environ)
+    conn = _connect(project)
+    if conn is None:
+        _spawn(project)
+        return None
+    with conn:
+        try:
+            message = json.dumps(request).encode() + b"\n"
+            socket.send_fds(conn, [message], [sys.stdout.fileno(), sys.stderr.fileno()])
+            reply = _read_line(conn)
+        except OSError:
+            reply = ""
+    code = json.loads(reply).get("exit") if reply else None
+    if code is None:  # declined (the worker then exits) or gone: a fresh one for the next
+        _spawn(project)
+        return None
+    return int(code)
+
+
+def _connect(root: Path, wait: float = 15.0) -> socket.socket | None:
+    """A connection to ``root``'s worker; one that is still importing is waited for (up to
+    ``wait`` seconds: less than this command would take to import the same); ``None`` if
+    there is none."""
+    deadline = time.monotonic() + wait
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(str(socket_path(root)))
+            return conn
+        except OSError:
+            conn.close()
+        if not _starting(root) or time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _read_line(conn: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
+def _child(request: dict, fds: list[int]) -> int:
+    """In the forked child: become the command and run its stage; returns its status."""
+    try:
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        for fd in fds:
+            os.close(fd)
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ["CMKD_STAGE_WORKER"] = "0"  # this process runs the stage: no delegating
+        os.chdir(request["cwd"])
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from flows.cli import main
+
+        return main(request["argv"])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+def _run(conn: socket.socket, request: dict, fds: list[int]) -> int:
+    """Fork a child for ``request``; wait for it, killing it if the command goes away."""
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        code = _child(request, fds)
+        # The interpreter's own shutdown, Python's part only: threads joined and Prefect's
+        # queues of logs and events sent (threading's exit hooks), then the atexit hooks.
+        # C++ destructors of libraries loaded before the fork would join threads that only
+        # the worker has, and abort: os._exit skips them.
+        with contextlib.suppress(Exception):
+            threading._shutdown()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    with selectors.DefaultSelector() as selector:
+        selector.register(conn, selectors.EVENT_READ)
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if selector.select(timeout=0.05) and not conn.recv(1):  # the command died
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return -signal.SIGKILL
+
+
+def serve(root: Path, idle: float) -> int:
+    """The worker's life: import, listen, run stages one at a time, exit when idle."""
+    root = Path(root).resolve()
+    path = socket_path(root)
+    with open(f"{path}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # another worker serves this project
+        from flows.cli import STAGE_MODULES
+
+        for module in ("flows.cli", "flows.stages", *STAGE_MODULES):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+        if threading.active_count() > 1:  # forking with Python threads running is not safe
+            print("stage worker: threads running after the imports: not serving", flush=True)
+            return 0
+        mine = fingerprint(root)
+        path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(path))
+            server.listen(4)
+            print(f"stage worker {os.getpid()} for {root} at {path}", flush=True)
+            try:
+                while True:
+                    with selectors.DefaultSelector() as selector:
+                        selector.register(server, selectors.EVENT_READ)
+                        if not selector.select(timeout=idle):
+                            print("stage worker: idle, exiting", flush=True)
+                            return 0
+                    conn, _ = server.accept()
+                    with conn:
+                        message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
+                        data = message
+                        while not data.endswith(b"\n"):
+                            chunk = conn.recv(1 << 20)
+                            if not chunk:
+                                break
+                            data += chunk
+                        request = json.loads(data or b"{}")
+                        ours = request.get("root") == str(root) and len(fds) == 2
+                        if not ours or request.get("fingerprint") != mine:
+                            for fd in fds:
+                                os.close(fd)
+                            conn.sendall(b'{"exit": null}\n')
+                            print("stage worker: code or settings changed, exiting", flush=True)
+                            return 0
+                        code = _run(conn, request, fds)
+                        print(f"stage worker: {request['argv']} exited {code}", flush=True)
+                        with contextlib.suppress(OSError):
+                            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            finally:
+                path.unlink(missing_ok=True)
+
+
+def idle_seconds() -> float:
+    """How long a worker waits for the next stage: ``CMKD_STAGE_WORKER_IDLE_SECONDS`` or 300."""
+    return float(os.environ.get("CMKD_STAGE_WORKER_IDLE_SECONDS") or IDLE_SECONDS)
+
+
+if __name__ == "__main__":
+    sys.exit(serve(Path(sys.argv[1]), idle_seconds()))
