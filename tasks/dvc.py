@@ -141,32 +141,37 @@ def _dvc(
 @contextlib.contextmanager
 def _repo(root: Path) -> Iterator:
     """DVC's ``Repo`` for ``root``, in this process (a ``dvc`` process costs about 0.4 s to
-    start), its log records going to the task's log rather than to stderr; DVC's failures
-    become :class:`StageFailedError`."""
+    start), what it prints going to the task's log rather than to the terminal (its log
+    records at debug level); DVC's failures become :class:`StageFailedError`."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     logger = get_run_logger()
 
-    class Forward(logging.Handler):
+    class Forward(logging.Handler):  # what DVC logs (what it prints is captured below)
         def emit(self, record: logging.LogRecord) -> None:
-            logger.info("%s", record.getMessage())
+            logger.debug("%s: %s", record.name, record.getMessage())
 
-    handler = Forward(logging.INFO)
+    handler = Forward(logging.DEBUG)
     loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data", "dvc_objects")]
-    propagate = [one.propagate for one in loggers]
+    saved = [(one.handlers[:], one.propagate) for one in loggers]  # DVC adds its own
     for one in loggers:
-        one.addHandler(handler)
+        one.handlers = [handler]
         one.propagate = False
+    output = _Output(logger)
     try:
-        with Repo(str(root)) as repo:
+        with (
+            contextlib.redirect_stdout(output),
+            contextlib.redirect_stderr(output),
+            Repo(str(root)) as repo,
+        ):
             yield repo
     except DvcException as exc:
         raise StageFailedError(f"DVC failed in {root}: {exc}") from exc
     finally:
-        for one, before in zip(loggers, propagate, strict=True):
-            one.removeHandler(handler)
-            one.propagate = before
+        output.close()
+        for one, (handlers, propagate) in zip(loggers, saved, strict=True):
+            one.handlers, one.propagate = handlers, propagate
 
 
 def default_remote(root: Path) -> str | None:
