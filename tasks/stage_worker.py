@@ -41,6 +41,8 @@ IDLE_SECONDS = 300.0
 _SETTINGS = ("PREFECT_", "CMKD_", "PYTHON", "VIRTUAL_ENV", "OMP_", "MKL_", "CUDA_")
 _PER_RUN = ("CMKD_RUN_", "CMKD_STAGE_")
 _SOURCE = Path(__file__).resolve().parents[1]
+# The worker imports cmkd from where this command did, whatever its directory holds.
+_START = "import sys; sys.path.insert(0, sys.argv[1]); from tasks.stage_worker import main; main()"
 
 
 def enabled() -> bool:
@@ -88,7 +90,7 @@ def _spawn(root: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "tasks.stage_worker", str(Path(root).resolve())],
+            [sys.executable, "-P", "-c", _START, str(_SOURCE), str(Path(root).resolve())],
             cwd=root,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -125,7 +127,7 @@ def delegate(stage: str, root: str, argv: list[str]) -> int | None:
     return int(code)
 
 
-def _connect(root: Path, wait: float = 15.0) -> socket.socket | None:
+def _connect(root: Path, wait: float = 30.0) -> socket.socket | None:
     """A connection to ``root``'s worker; one that is still importing is waited for (up to
     ``wait`` seconds: less than this command would take to import the same); ``None`` if
     there is none."""
@@ -211,6 +213,7 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> int:
 
 def serve(root: Path, idle: float) -> int:
     """The worker's life: import, listen, run stages one at a time, exit when idle."""
+    started = time.monotonic()
     root = Path(root).resolve()
     path = socket_path(root)
     with open(f"{path}.lock", "a") as lock:
@@ -231,7 +234,8 @@ def serve(root: Path, idle: float) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
             server.bind(str(path))
             server.listen(4)
-            print(f"stage worker {os.getpid()} for {root} at {path}", flush=True)
+            ready = time.monotonic() - started
+            print(f"stage worker {os.getpid()} for {root} at {path} ({ready:.1f} s)", flush=True)
             try:
                 while True:
                     with selectors.DefaultSelector() as selector:
@@ -269,5 +273,6 @@ def idle_seconds() -> float:
     return float(os.environ.get("CMKD_STAGE_WORKER_IDLE_SECONDS") or IDLE_SECONDS)
 
 
-if __name__ == "__main__":
-    sys.exit(serve(Path(sys.argv[1]), idle_seconds()))
+def main() -> None:
+    """``python -P -c _START SOURCE ROOT``: serve project ``ROOT`` (what :func:`_spawn` runs)."""
+    sys.exit(serve(Path(sys.argv[-1]), idle_seconds()))

@@ -16,6 +16,8 @@ from conftest import make_scratch_repo
 
 from tasks.dvc import stage_environment
 
+CMKD = str(Path(sys.executable).parent / "cmkd")  # as DVC runs it (the installed command)
+
 
 def _children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -62,12 +64,12 @@ def test_later_stages_run_in_the_worker_die_with_their_command_and_other_setting
         assert f"for {repo.resolve()}" in said
         # prepare ran in its own process (it started the worker); validate in the worker,
         # its flow's log in DVC's output all the same
-        assert "['stage', 'validate'] exited 0" in said and "'prepare'" not in said
+        assert "['stage', 'validate'] exited 0" in said and "'prepare'" not in said, said
         assert re.search(r"Beginning flow run .* for flow 'validate'", output), output
         assert (repo / "data" / "validated" / "report.json").is_file()
 
         stage = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "stage", "teacher"],
+            [CMKD, "stage", "teacher"],
             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         _wait_for(lambda: _children(worker), 60, "the worker's child")
@@ -81,11 +83,11 @@ def test_later_stages_run_in_the_worker_die_with_their_command_and_other_setting
 
         env["CMKD_SOME_SETTING"] = "another"  # a setting the worker does not share
         done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "stage", "validate"],
+            [CMKD, "stage", "validate"],
             cwd=repo, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         assert "code or settings changed, exiting" in log.read_text()
         assert _gone(worker, timeout=10)
     finally:
-        subprocess.run(["pkill", "-f", f"tasks.stage_worker {repo.resolve()}"], check=False)
+        subprocess.run(["pkill", "-f", f"stage_worker.* {repo.resolve()}$"], check=False)
