@@ -14,10 +14,8 @@ accuracy among the grid's runs of the same cell and seed, which is what the dist
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -134,15 +132,6 @@ def random_prototype_bank(bank: TeacherBank, seed: int = 0) -> TeacherBank:
 CONTROLS = ("", "shuffled", "random_prototypes")
 
 
-def control_banks(bank: TeacherBank) -> dict[str, TeacherBank]:
-    """The bank of each control (:data:`CONTROLS`; ``""`` is the teacher itself)."""
-    return {
-        "": bank,
-        "shuffled": shuffled_bank(bank),
-        "random_prototypes": random_prototype_bank(bank),
-    }
-
-
 def with_budget(dataset: ModalityDataset, per_class: int | None, seed: int) -> ModalityDataset:
     """The same dataset with ``per_class`` labelled train samples per class drawn with ``seed``."""
     labels = dataset.labels(dataset.manifest)
@@ -161,6 +150,13 @@ class Run:
     pairing: str
     method: str
     control: str
+
+    @property
+    def label(self) -> str:
+        """What the Prefect UI calls the run: pair, pairing, budget, method, control, seed."""
+        budget = "all" if self.budget is None else self.budget
+        control = f"+{self.control}" if self.control else ""
+        return f"{self.pair} {self.pairing} b{budget} {self.method}{control} s{self.seed}"
 
 
 class BankCache(Protocol):
@@ -226,28 +222,37 @@ def run_one(run: Run, student: ModalityDataset, bank: TeacherBank, distill: Dist
     }
 
 
-def _worker_start() -> None:
-    torch.set_num_threads(1)  # one core per worker process: the runs are the parallelism
+def control_bank(bank: TeacherBank, control: str) -> TeacherBank:
+    """The bank a run with ``control`` (one of :data:`CONTROLS`) trains against."""
+    if control == "shuffled":
+        return shuffled_bank(bank)
+    if control == "random_prototypes":
+        return random_prototype_bank(bank)
+    if control:
+        raise KeyError(f"unknown control {control!r}; valid: {', '.join(CONTROLS[1:])}")
+    return bank
 
 
-def run_grid(
-    grid: Grid,
-    wheel: str | Path,
-    log: Callable[[str], None] = print,
-    jobs: int = 1,
-    cache: BankCache | None = None,
-    done: Iterable[dict] = (),
-    on_record: Callable[[dict], None] | None = None,
-) -> tuple[list[dict], dict]:
-    """Train every run of ``grid``; returns one record per run (in table order) and per-pair
-    teacher facts.
+@dataclass
+class Work:
+    """What a grid still has to do, and what it had done: the datasets of each pair, each
+    distinct teacher's dataset (by :func:`teacher_key`), the recorded runs by index, and per
+    pair the runs to train (the longest budgets first)."""
 
-    Each distinct teacher is trained once (or taken from ``cache``). ``jobs > 1`` trains that
-    many teachers or runs at a time in worker processes of one thread each: teachers first, a
-    pair's runs (longest budgets first) as soon as its bank exists. Runs whose record is in
-    ``done`` (same pair, pairing, budget, seed, method and control) are not trained again;
-    ``on_record`` sees each new record as soon as its run ends.
-    """
+    students: dict[str, ModalityDataset]
+    teacher_sets: dict[str, ModalityDataset]
+    key_of_pair: dict[str, str]
+    records: dict[int, dict]
+    todo: dict[str, list[Run]]
+
+    def pairs_of(self, key: str) -> list[str]:
+        """The pairs that share the teacher ``key``."""
+        return [pair for pair, k in self.key_of_pair.items() if k == key]
+
+
+def prepare(grid: Grid, wheel: str | Path, done: Iterable[dict] = ()) -> Work:
+    """Load every pair of ``grid`` and sort its runs into done (a record in ``done`` with the
+    same pair, pairing, budget, seed, method and control) and to do."""
     students: dict[str, ModalityDataset] = {}
     teacher_sets: dict[str, ModalityDataset] = {}
     key_of_pair: dict[str, str] = {}
@@ -269,67 +274,7 @@ def run_grid(
             todo[run.pair].append(run)
     for runs in todo.values():
         runs.sort(key=lambda r: (r.budget is not None, -(r.budget or 0)))
-
-    banks: dict[str, dict[str, TeacherBank]] = {}
-    teachers: dict[str, dict] = {}
-
-    def bank_ready(key: str, bank: TeacherBank, accuracy: float, trained: bool) -> list[Run]:
-        if trained and cache is not None:
-            cache.put(key, teacher_sets[key].root.name.strip("<>"), bank)
-        banks[key] = control_banks(bank)
-        ready = []
-        for pair in (p for p in grid.pairs if key_of_pair[p] == key):
-            teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
-            log(f"[{pair}] teacher test accuracy {accuracy:.4f}")
-            ready += todo[pair]
-        return ready
-
-    def args_of(run: Run) -> tuple:
-        return run, students[run.pair], banks[key_of_pair[run.pair]][run.control], grid.distill
-
-    def finished(run: Run, record: dict) -> None:
-        records[run.index] = record
-        if on_record is not None:
-            on_record(record)
-        log(_record_line(record))
-
-    ready: list[Run] = []
-    for key, dataset in teacher_sets.items():
-        hit = cache.get(key, dataset.root.name.strip("<>")) if cache is not None else None
-        if hit is not None:
-            ready += bank_ready(key, *hit, trained=False)
-    untrained = [key for key in teacher_sets if key not in banks]
-    untrained.sort(key=lambda key: -_size(teacher_sets[key]))  # the longest to train first
-    if jobs <= 1:
-        for key in untrained:
-            bank_ready(key, *build_bank(teacher_sets[key], grid.teacher), trained=True)
-        for pair in grid.pairs:
-            for run in todo[pair]:
-                finished(run, run_one(*args_of(run)))
-        return [records[i] for i in sorted(records)], teachers
-
-    # Spawned, not forked: a fork of a process that has run torch's thread pool can hang.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
-        futures: dict[Future, tuple[str, str | Run]] = {
-            pool.submit(build_bank, teacher_sets[key], grid.teacher): ("teacher", key)
-            for key in untrained
-        }
-
-        def submit(runs: list[Run]) -> None:
-            for run in runs:
-                futures[pool.submit(run_one, *args_of(run))] = ("run", run)
-
-        submit(ready)
-        while futures:
-            completed, _ = wait(futures, return_when=FIRST_COMPLETED)
-            for future in completed:
-                kind, what = futures.pop(future)
-                if kind == "teacher":
-                    submit(bank_ready(what, *future.result(), trained=True))
-                else:
-                    finished(what, future.result())
-    return [records[i] for i in sorted(records)], teachers
+    return Work(students, teacher_sets, key_of_pair, records, todo)
 
 
 def _size(dataset: ModalityDataset) -> int:
@@ -360,7 +305,8 @@ def _runs(grid: Grid, pairing: str) -> Iterable[tuple[str, str]]:
             yield method, "random_prototypes"
 
 
-def _record_line(r: dict) -> str:
+def record_line(r: dict) -> str:
+    """One run's record as the benchmark prints it."""
     tag = f"{r['method']}{'+' + r['control'] if r['control'] else ''}"
     return (
         f"  {r['pair']:<17} {r['pairing']:<8} budget={r['budget']!s:<4} seed={r['seed']} "

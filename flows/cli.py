@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         help="override distill params, e.g. unlabelled=true w_fa=0.3",
     )
     bench.add_argument("--name", help="file name stem of the results (default by --quick)")
-    bench.add_argument("--jobs", type=int, help="runs at a time, one process each (default: cores)")
+    bench.add_argument(
+        "--jobs", type=int, help="local Dask workers, one thread each (default: cores; 1: here)"
+    )
+    bench.add_argument("--address", help="an existing Dask scheduler, e.g. tcp://host:8786")
     bench.add_argument(
         "--resume", action="store_true", help="skip runs already in NAME.runs.jsonl (same params)"
     )

@@ -1,9 +1,17 @@
-"""``cmkd bench`` end to end on a tiny grid: worker processes, the runs file, resume, cache."""
+"""``cmkd bench`` end to end on a tiny grid: a Prefect flow whose teachers and runs are tasks on
+a local Dask cluster (or one after another in this process), the runs file, resume, the bank
+cache, a worker killed mid-grid."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import yaml
 
@@ -19,13 +27,22 @@ def _bench(root, *extra: str) -> dict:
     return json.loads((root / "out" / "t.json").read_text())
 
 
-def test_bench_runs_in_workers_then_resumes_without_training_again(
-    tmp_path, fsdd_wheel, tiny_params
-):
+def _params(root: Path, tiny_params, fsdd_wheel, **distill) -> None:
     params = tiny_params.model_dump(mode="json")
-    params["data"]["fsdd_wheel"] = str(fsdd_wheel)  # outside tmp_path's data/, on purpose
+    params["data"]["fsdd_wheel"] = str(fsdd_wheel)  # outside root's data/, on purpose
     params["allow_paths_outside_data"] = True
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params["distill"].update(distill)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _without_seconds(runs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in runs]
+
+
+def test_bench_runs_on_dask_workers_then_resumes_without_training_again(
+    tmp_path, fsdd_wheel, tiny_params, prefect_harness
+):
+    _params(tmp_path, tiny_params, fsdd_wheel)
 
     first = _bench(tmp_path)
     keys = [(r["seed"], r["method"], r["control"]) for r in first["runs"]]
@@ -63,11 +80,24 @@ def test_bench_runs_in_workers_then_resumes_without_training_again(
     assert all(json.loads(line) for line in lines[7:])
 
     # Without --resume the runs file starts afresh (new code must not reuse old runs); one job
-    # runs everything in this process, in the same table order.
+    # runs everything in this process, in the same table order, to the same numbers: every
+    # task trains on one thread wherever it runs.
     afresh = _bench(tmp_path, "--jobs", "1")
     assert afresh["resumed_runs"] == 0
-    assert [(r["seed"], r["method"], r["control"]) for r in afresh["runs"]] == keys
+    assert _without_seconds(afresh["runs"]) == _without_seconds(first["runs"])
     assert len(runs_file.read_text().splitlines()) == 6
+
+    # Each run is a task run of the grid's flow, named by what it is.
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        named = FlowFilter(name=FlowFilterName(any_=["bench-grid"]))
+        grids = {g.id for g in client.read_flow_runs(flow_filter=named)}
+        names = {t.name for t in client.read_task_runs() if t.flow_run_id in grids}
+    tags = ("ce", "la", "la+shuffled")
+    expected = {f"digits->fsdd unpaired b5 {m} s{s}" for m in tags for s in (0, 1)}
+    assert expected <= names
 
 
 def test_runs_made_before_a_param_existed_count_as_made_with_its_default():
@@ -86,7 +116,7 @@ def test_runs_made_before_a_param_existed_count_as_made_with_its_default():
 
 def test_a_pair_whose_optional_parts_are_missing_is_skipped_with_its_reason(
     tmp_path, monkeypatch, capsys, fsdd_wheel, tiny_params
-):
+):  # (no flow starts, so no Prefect API is needed)
     import cmkd_core.data.fashion as fashion
 
     monkeypatch.setattr(fashion, "FOLDER", tmp_path / "no-fashion-here")
@@ -104,3 +134,58 @@ def test_a_pair_whose_optional_parts_are_missing_is_skipped_with_its_reason(
     )
     assert out[1] == "cmkd bench: none of the pairs asked for can run here"
     assert not (tmp_path / "out").exists()
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """The Dask worker processes under ``parent`` (the spawned children of its nannies)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and "spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_worker_killed_mid_grid_the_grid_still_completes_each_run_recorded_once(
+    tmp_path, fsdd_wheel, tiny_params, prefect_harness
+):
+    from prefect.settings import PREFECT_API_URL
+
+    _params(tmp_path, tiny_params, fsdd_wheel, epochs=12)
+    argv = ["bench", "--root", str(tmp_path), "--pairs", "digits->fsdd", "--methods", "ce", "la"]
+    argv += ["--budgets", "5", "--seeds", "4", "--jobs", "2", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *argv, "--name", "k"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    runs_file = tmp_path / "out" / "k.runs.jsonl"
+    deadline = time.monotonic() + 300
+    killed = None
+    while bench.poll() is None and time.monotonic() < deadline:
+        lines = runs_file.read_text().splitlines() if runs_file.exists() else []
+        workers = _worker_pids(bench.pid)
+        if 1 <= len(lines) < 10 and len(workers) == 2:
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    output = bench.communicate(timeout=600)[0].decode()
+    assert killed is not None, "no worker was killed mid-grid:\n" + output
+    assert bench.returncode == 0, output
+    keys = [
+        tuple(json.loads(line)["record"][k] for k in ("seed", "method", "control"))
+        for line in runs_file.read_text().splitlines()
+    ]
+    assert sorted(keys) == sorted(
+        (s, m, c) for s in range(4) for m, c in (("ce", ""), ("la", ""), ("la", "shuffled"))
+    )  # every run, each once
+    result = json.loads((tmp_path / "out" / "k.json").read_text())
+    assert len(result["runs"]) == 12
