@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 from dataclasses import replace
@@ -275,18 +274,14 @@ def bench_grid(
 
 def task_runner(jobs: int, address: str | None = None):
     """Where the grid's tasks run: the Dask scheduler at ``address``; else a local cluster of
-    ``jobs`` worker processes of one thread each (no dashboard); ``jobs == 1``: this process."""
+    ``jobs`` worker processes of one thread each; ``jobs == 1``: this process."""
     if address is None and jobs <= 1:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=1)
-    from prefect_dask import DaskTaskRunner
+    from flows.seeds import dask_runner
 
-    if address:
-        return DaskTaskRunner(address=address)
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # not the cluster's every step
-    cluster = {"n_workers": jobs, "threads_per_worker": 1, "processes": True}
-    return DaskTaskRunner(cluster_kwargs={**cluster, "dashboard_address": None})
+    return dask_runner(jobs, address)
 
 
 def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
