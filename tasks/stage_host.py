@@ -52,7 +52,7 @@ class StageHost:
         """Accept one stage command and run its stage (call when the socket is readable)."""
         conn, _ = self.socket.accept()
         with conn:
-            request = json.loads(_read_line(conn) or "{}")
+            request = json.loads(read_line(conn) or "{}")
             stage, root = request.get("stage"), Path(request.get("root", "")).resolve()
             if not stage or root != self.root:
                 conn.sendall(b'{"exit": null}\n')  # not ours: the command runs it itself
@@ -90,8 +90,9 @@ def hosting(root: Path, runner: StageRunner) -> Iterator[StageHost]:
         host.close()
 
 
-def _read_line(conn: socket.socket) -> str:
-    data = b""
+def read_line(conn: socket.socket, data: bytes = b"") -> str:
+    """One newline-ended message from ``conn`` (``data``: what was already received of it);
+    what came before the peer closed, if it closed first."""
     while not data.endswith(b"\n"):
         chunk = conn.recv(65536)
         if not chunk:
@@ -113,7 +114,7 @@ def delegate(stage: str, root: str) -> int | None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(path)
             conn.sendall(json.dumps(request).encode() + b"\n")
-            reply = _read_line(conn)
+            reply = read_line(conn)
     except OSError:
         return None
     if not reply:  # the pipeline's process went away mid-stage

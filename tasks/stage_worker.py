@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from tasks.stage_host import read_line
+
 IDLE_SECONDS = 300.0
 _SETTINGS = ("PREFECT_", "CMKD_", "PYTHON", "VIRTUAL_ENV", "OMP_", "MKL_", "CUDA_")
 _PER_RUN = ("CMKD_RUN_", "CMKD_STAGE_")
@@ -117,7 +119,7 @@ def delegate(stage: str, root: str, argv: list[str]) -> int | None:
         try:
             message = json.dumps(request).encode() + b"\n"
             socket.send_fds(conn, [message], [sys.stdout.fileno(), sys.stderr.fileno()])
-            reply = _read_line(conn)
+            reply = read_line(conn)
         except OSError:
             reply = ""
     code = json.loads(reply).get("exit") if reply else None
@@ -142,16 +144,6 @@ def _connect(root: Path, wait: float = 30.0) -> socket.socket | None:
         if not _starting(root) or time.monotonic() > deadline:
             return None
         time.sleep(0.05)
-
-
-def _read_line(conn: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode()
 
 
 def _child(request: dict, fds: list[int]) -> int:
@@ -246,13 +238,7 @@ def serve(root: Path, idle: float) -> int:
                     conn, _ = server.accept()
                     with conn:
                         message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
-                        data = message
-                        while not data.endswith(b"\n"):
-                            chunk = conn.recv(1 << 20)
-                            if not chunk:
-                                break
-                            data += chunk
-                        request = json.loads(data or b"{}")
+                        request = json.loads(read_line(conn, message) or "{}")
                         ours = request.get("root") == str(root) and len(fds) == 2
                         if not ours or request.get("fingerprint") != mine:
                             for fd in fds:
