@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,18 @@ def make_scratch_repo(repo: Path, wheel: Path, budget: dict | None = None) -> Pa
     for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-qm", "scratch")):
         git(repo, *args)
     return repo
+
+
+def process_gone(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` has exited within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.CompletedProcess:

@@ -9,11 +9,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import make_scratch_repo
+from conftest import make_scratch_repo, process_gone
 
 from flows.local_server import INFO, stop_server
 from tasks.stage_host import VARIABLE, StageHost, delegate
@@ -75,17 +74,6 @@ def _ensure(home: Path, idle: float, cache: Path | None = None) -> tuple[str, bo
     return url, started
 
 
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_the_shared_server_starts_once_is_reused_and_stops_when_idle(tmp_path):
     home = tmp_path / "prefect"
     try:
@@ -96,7 +84,7 @@ def test_the_shared_server_starts_once_is_reused_and_stops_when_idle(tmp_path):
         assert (again, started) == (url, False)
         assert json.loads((home / INFO).read_text())["pid"] == pid
         assert not list((home / "leases").iterdir())  # both commands have exited
-        assert _gone(pid, timeout=60), "the idle server did not stop"
+        assert process_gone(pid, timeout=60), "the idle server did not stop"
         assert not (home / INFO).exists()
     finally:
         stop_server(home)

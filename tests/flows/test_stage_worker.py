@@ -4,7 +4,6 @@ dies with its command; a command with other settings is declined and runs its st
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import make_scratch_repo
+from conftest import make_scratch_repo, process_gone
 
 from tasks.dvc import stage_environment
 
@@ -22,17 +21,6 @@ CMKD = str(Path(sys.executable).parent / "cmkd")  # as DVC runs it (the installe
 def _children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(c) for c in text.split()]
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -77,7 +65,7 @@ def test_later_stages_run_in_the_worker_die_with_their_command_and_other_setting
         time.sleep(1.0)  # into the stage
         stage.send_signal(signal.SIGKILL)
         stage.wait(10)
-        assert _gone(child, timeout=10), "the stage outlived its killed command"
+        assert process_gone(child, timeout=10), "the stage outlived its killed command"
         _wait_for(lambda: "['stage', 'teacher'] exited -9" in log.read_text(), 10, "the log")
         assert not (repo / "data" / "teacher" / "bank.safetensors").exists()
 
@@ -88,6 +76,6 @@ def test_later_stages_run_in_the_worker_die_with_their_command_and_other_setting
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         assert "code or settings changed, exiting" in log.read_text()
-        assert _gone(worker, timeout=10)
+        assert process_gone(worker, timeout=10)
     finally:
         subprocess.run(["pkill", "-f", f"stage_worker.* {repo.resolve()}$"], check=False)
