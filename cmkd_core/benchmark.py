@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -159,14 +158,6 @@ class Run:
         return f"{self.pair} {self.pairing} b{budget} {self.method}{control} s{self.seed}"
 
 
-class BankCache(Protocol):
-    """Where trained teacher banks are kept between benchmark runs (see :func:`teacher_key`)."""
-
-    def get(self, key: str, name: str) -> tuple[TeacherBank, float] | None: ...
-
-    def put(self, key: str, name: str, bank: TeacherBank) -> None: ...
-
-
 def teacher_key(dataset: ModalityDataset, params: TeacherParams) -> str:
     """A hash of what decides a trained teacher: its params, manifest and arrays. Pairs that
     share a teacher dataset share the key, hence one training."""
@@ -235,11 +226,10 @@ def control_bank(bank: TeacherBank, control: str) -> TeacherBank:
 
 @dataclass
 class Work:
-    """What a grid still has to do, and what it had done: the datasets of each pair, each
-    distinct teacher's dataset (by :func:`teacher_key`), the recorded runs by index, and per
-    pair the runs to train (the longest budgets first)."""
+    """What a grid still has to do, and what it had done: each distinct teacher's dataset (by
+    :func:`teacher_key`; the largest, the longest to train, first), the recorded runs by
+    index, and per pair the runs to train (the longest budgets first)."""
 
-    students: dict[str, ModalityDataset]
     teacher_sets: dict[str, ModalityDataset]
     key_of_pair: dict[str, str]
     records: dict[int, dict]
@@ -274,7 +264,8 @@ def prepare(grid: Grid, wheel: str | Path, done: Iterable[dict] = ()) -> Work:
             todo[run.pair].append(run)
     for runs in todo.values():
         runs.sort(key=lambda r: (r.budget is not None, -(r.budget or 0)))
-    return Work(students, teacher_sets, key_of_pair, records, todo)
+    by_size = sorted(teacher_sets, key=lambda key: -_size(teacher_sets[key]))
+    return Work({key: teacher_sets[key] for key in by_size}, key_of_pair, records, todo)
 
 
 def _size(dataset: ModalityDataset) -> int:

@@ -174,12 +174,6 @@ def _repo(root: Path) -> Iterator:
             one.handlers, one.propagate = handlers, propagate
 
 
-def default_remote(root: Path) -> str | None:
-    """The DVC remote ``core.remote`` names in ``root``'s config, or ``None``."""
-    with _repo(root) as repo:
-        return repo.config["core"].get("remote") or None
-
-
 def _with_remote(root: Path, action: str) -> bool:
     """A pull or a push against the default remote; ``False`` without one."""
     logger = get_run_logger()
