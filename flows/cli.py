@@ -494,5 +494,19 @@ def _failed(message: str, code: int) -> int:
     return code
 
 
+def entry() -> None:
+    """The ``cmkd`` console script: :func:`main`, then an exit that skips the interpreter's
+    teardown of torch and Prefect (about 2 s; tasks/process.py)."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's --help and usage errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
+    from tasks.process import exit_now
+
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

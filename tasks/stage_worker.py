@@ -20,7 +20,6 @@ after ``CMKD_STAGE_WORKER_IDLE_SECONDS`` (default 300) without a request;
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -37,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from tasks.process import exit_now
 from tasks.stage_host import read_line
 
 IDLE_SECONDS = 300.0
@@ -176,19 +176,7 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> int:
     pid = os.fork()
     if pid == 0:
         conn.close()
-        code = _child(request, fds)
-        # The interpreter's own shutdown, Python's part only: threads joined and Prefect's
-        # queues of logs and events sent (threading's exit hooks), then the atexit hooks.
-        # C++ destructors of libraries loaded before the fork would join threads that only
-        # the worker has, and abort: os._exit skips them.
-        with contextlib.suppress(Exception):
-            threading._shutdown()  # type: ignore[attr-defined]
-        with contextlib.suppress(Exception):
-            atexit._run_exitfuncs()
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        exit_now(_child(request, fds))  # see tasks/process.py
     for fd in fds:
         os.close(fd)
     with selectors.DefaultSelector() as selector:
