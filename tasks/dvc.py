@@ -2,20 +2,20 @@
 
 Each is a Prefect task with its own log (DVC's output goes to the task's run logger) and
 retries where a retry can help: pulling and pushing touch the remote; a stage is retried once.
-Status, pull and push use DVC's Python API in this process; ``dvc repro`` runs as DVC's own
-command, whose stage commands hand their stages back to this process (tasks/stage_host.py).
+DVC runs through its Python API in this process (a ``dvc`` process costs about 0.4 s to
+start); the stage commands that ``dvc repro`` starts hand their stages back to this process
+(tasks/stage_host.py).
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import logging
 import os
 import selectors
-import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,14 +63,19 @@ class _Output:
     """A command's output, written in chunks: each complete line goes to ``logger`` (of a
     progress bar redrawn with carriage returns, the last state), each redraw to
     :data:`live_output` when set. A file-like object, so a stage run in this process can write
-    to it as the command's process would."""
+    to it as the command's process would; DVC's thread and the stage's may both write."""
 
     def __init__(self, logger):
         self.logger = logger
         self.lines: list[str] = []
         self.pending = ""
+        self.lock = threading.RLock()
 
     def write(self, text: str) -> int:
+        with self.lock:
+            return self._write(text)
+
+    def _write(self, text: str) -> int:
         self.pending += text
         *complete, self.pending = self.pending.split("\n")
         for raw in complete:
@@ -99,58 +104,22 @@ class _Output:
         return "\n".join(self.lines)
 
 
-def _dvc(
-    root: Path, *args: str, env: dict[str, str] | None = None, host: StageHost | None = None
-) -> tuple[int, str]:
-    """Run ``dvc ARGS`` in ``root`` with this interpreter, its output to the task's log as it
-    comes (:class:`_Output`). With ``host``, the stage commands DVC starts have their stages run
-    here, in this process, their output going the same way. Returns the exit status and the
-    output."""
-    output = _Output(get_run_logger())
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with (
-        subprocess.Popen(
-            [sys.executable, "-m", "dvc", *args],
-            cwd=root,
-            env=env or stage_environment(None),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        ) as process,
-        selectors.DefaultSelector() as selector,
-    ):
-        assert process.stdout is not None
-        fd = process.stdout.fileno()
-        selector.register(fd, selectors.EVENT_READ)
-        if host is not None:
-            host.register(selector)
-        while True:
-            events = selector.select()
-            if any(key.data is not None for key, _ in events):
-                with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-                    for key, _ in events:
-                        if key.data is not None:
-                            key.data()
-                continue
-            if not (chunk := os.read(fd, 65536)):
-                break
-            output.write(decoder.decode(chunk))
-    output.write(decoder.decode(b"", final=True))
-    return process.returncode, output.close()
-
-
 @contextlib.contextmanager
-def _repo(root: Path) -> Iterator:
-    """DVC's ``Repo`` for ``root``, in this process (a ``dvc`` process costs about 0.4 s to
-    start), what it prints going to the task's log rather than to the terminal (its log
-    records at debug level); DVC's failures become :class:`StageFailedError`."""
+def _repo(root: Path, logger=None, messages: list[str] | None = None) -> Iterator:
+    """DVC's ``Repo`` for ``root``; what it prints goes to the task's log (``logger``, by
+    default the task's run logger) rather than to the terminal, its log records too at debug
+    level and, given ``messages``, into that list; DVC's failures become
+    :class:`StageFailedError`."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    logger = get_run_logger()
+    logger = logger or get_run_logger()
 
     class Forward(logging.Handler):  # what DVC logs (what it prints is captured below)
         def emit(self, record: logging.LogRecord) -> None:
             logger.debug("%s: %s", record.name, record.getMessage())
+            if messages is not None:
+                messages.append(record.getMessage())
 
     handler = Forward(logging.DEBUG)
     loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data", "dvc_objects")]
@@ -167,11 +136,55 @@ def _repo(root: Path) -> Iterator:
         ):
             yield repo
     except DvcException as exc:
-        raise StageFailedError(f"DVC failed in {root}: {exc}") from exc
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise StageFailedError(f"DVC failed in {root}: {exc}{cause}") from exc
     finally:
         output.close()
         for one, (handlers, propagate) in zip(loggers, saved, strict=True):
             one.handlers, one.propagate = handlers, propagate
+
+
+def _reproduce(root: Path, stage: str, env: dict[str, str], host: StageHost | None) -> list[str]:
+    """``dvc repro --single-item STAGE`` through DVC's API, on a helper thread, while this
+    thread answers the stage command it starts (``host``: its flow runs here, on the caller's
+    thread, where Ctrl-C lands and the task's Prefect context is). Returns DVC's log messages;
+    raises :class:`StageFailedError` if DVC or the stage failed."""
+    logger = get_run_logger()
+    messages: list[str] = []
+    failure: list[BaseException] = []
+    done, signal_done = os.pipe()
+
+    def work() -> None:
+        try:
+            # in root, as `dvc repro` would run there: DVC reads stage names and paths from the
+            # working directory (the process's: the stage host's chdir is into root too)
+            with contextlib.chdir(root), _repo(root, logger, messages) as repo:
+                repo.reproduce(stage, single_item=True, run_env=env)
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+        finally:
+            os.write(signal_done, b".")
+
+    worker = threading.Thread(target=work, name=f"dvc-repro-{stage}", daemon=True)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(done, selectors.EVENT_READ)
+            if host is not None:
+                host.register(selector)
+            worker.start()
+            while True:
+                events = selector.select()
+                if any(key.data is None for key, _ in events):
+                    break
+                for key, _ in events:
+                    key.data()
+        worker.join()
+    finally:
+        os.close(done)
+        os.close(signal_done)
+    if failure:
+        raise failure[0]
+    return messages
 
 
 def _with_remote(root: Path, action: str) -> bool:
@@ -272,22 +285,21 @@ def reproduce_stage(
         env.update(host.environment())
     last_error = Layout(root).last_error
     last_error.unlink(missing_ok=True)
-    status, output = _dvc(root, "repro", "--single-item", stage, env=env, host=host)
-    if status != 0:
+    try:
+        messages = _reproduce(root, stage, env, host)
+    except StageFailedError as exc:
         try:  # the stage's own error, as `cmkd stage` wrote it
             error = json.loads(last_error.read_text())
         except (OSError, ValueError):
             error = None
         if error is not None and error.get("stage") == stage:
-            raise StageFailedError(f"stage {stage!r} failed: {error['message']}", error["exit"])
-        said = [line for line in output.splitlines() if line.startswith("ERROR:")]
-        reason = f": {said[-1].removeprefix('ERROR:').strip()}" if said else ""
-        raise StageFailedError(
-            f"stage {stage!r} failed: `dvc repro {stage}` exited {status}{reason}"
-        )
-    if f"Running stage '{stage}'" in output:
+            raise StageFailedError(
+                f"stage {stage!r} failed: {error['message']}", error["exit"]
+            ) from exc
+        raise StageFailedError(f"stage {stage!r} failed: {exc}") from exc
+    if any(m.startswith(f"Running stage '{stage}'") for m in messages):
         return "ran"
-    return "restored" if "is cached - skipping run" in output else "skipped"
+    return "restored" if any("is cached - skipping run" in m for m in messages) else "skipped"
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5, cache_policy=NONE)
