@@ -118,7 +118,6 @@ def bank_text(facts: dict) -> str:
 STAGE_MODULES = (
     "dvc.repo",  # status, pull and push (tasks/dvc.py)
     "tasks.data",
-    "sklearn.datasets",  # the embedded default's images
     "cmkd_core.bank",
     "tasks.train",
     "torch._dynamo",  # the optimisers' first step imports it
