@@ -10,6 +10,7 @@ start); the stage commands that ``dvc repro`` starts hand their stages back to t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -165,7 +166,10 @@ def _reproduce(root: Path, stage: str, env: dict[str, str], host: StageHost | No
         finally:
             os.write(signal_done, b".")
 
-    worker = threading.Thread(target=work, name=f"dvc-repro-{stage}", daemon=True)
+    # With this thread's context (Prefect's settings and run): DVC's log lines go to this
+    # task's log through the same Prefect API, not to a temporary server of the thread's own.
+    context = contextvars.copy_context()
+    worker = threading.Thread(target=context.run, args=(work,), name=f"dvc-{stage}", daemon=True)
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(done, selectors.EVENT_READ)
@@ -180,8 +184,9 @@ def _reproduce(root: Path, stage: str, env: dict[str, str], host: StageHost | No
                     key.data()
         worker.join()
     finally:
-        os.close(done)
-        os.close(signal_done)
+        if not worker.is_alive():  # else (Ctrl-C) it will still write: the pipe must stay open
+            os.close(done)
+            os.close(signal_done)
     if failure:
         raise failure[0]
     return messages
