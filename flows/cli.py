@@ -343,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stage":  # under `cmkd run`, the pipeline's process runs the stage
         from tasks.stage_host import delegate
 
-        code = delegate(args.name, args.root)
+        try:
+            code = delegate(args.name, args.root)
+        except KeyboardInterrupt:  # Ctrl-C reached the pipeline too: it says so
+            return 130
         if code is None:  # a bare `dvc repro`: the project's stage worker, if there is one
             from tasks import stage_worker
 
@@ -502,6 +505,13 @@ def entry() -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, int | None):
             print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            import traceback
+
+            traceback.print_exc()
+        print("cmkd: interrupted", file=sys.stderr)
+        code = 130
     from tasks.process import exit_now
 
     exit_now(code)

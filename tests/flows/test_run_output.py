@@ -4,6 +4,7 @@ come one per stage."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,55 @@ def test_a_class_only_the_student_has_exits_2_naming_it_and_the_users_file(
     assert [line.split()[0] for line in lines[1:]] == ["prepare"]
     log = repo / lines[0].split("full log: ")[1].rstrip(")")
     assert "Traceback" in log.read_text()  # the detail is kept, in the run's log file
+
+
+def test_ctrl_c_stops_the_run_at_once_with_status_130_and_a_later_run_finishes(
+    tmp_path, fsdd_wheel, prefect_harness
+):
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    from conftest import TINY, process_gone
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.dvc import stage_environment
+
+    budget = {**TINY, "distill": {**TINY["distill"], "epochs": 400, "method": "ce"}}
+    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel, budget)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=stage_environment(PREFECT_API_URL.value()),
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert run.stdout is not None
+    for line in run.stdout:  # the teacher's line: the distill stage is starting
+        if line.startswith("teacher"):
+            break
+    stage = []
+    while not stage and run.poll() is None:  # DVC's shell and the `cmkd stage distill` client
+        stage = psutil.Process(run.pid).children(recursive=True)
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C sends
+    assert run.wait(timeout=20) == 130
+    err = run.stderr.read()
+    assert err.strip().splitlines()[-1] == "cmkd: interrupted", err
+    assert "Traceback" not in err and err.count("interrupted") == 1, err
+    assert stage and all(process_gone(child.pid, 10) for child in stage)
+
+    again = cmkd(repo, "run", api_url=PREFECT_API_URL.value())
+    assert again.returncode == 0, again.stdout + again.stderr
+    outcomes = {line.split()[0]: line.split()[1] for line in again.stdout.splitlines()[1:7]}
+    assert outcomes == {
+        "prepare": "up",
+        "validate": "up",
+        "teacher": "up",
+        "distill": "ran",
+        "evaluate": "ran",
+        "export": "ran",
+    }, again.stdout
