@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 import yaml
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.bench_summary import (
@@ -238,14 +239,21 @@ def bench_grid(
     work = prepare(grid, wheel, _done_runs(Path(runs_file), settings) if resume else [])
     teachers: dict[str, dict] = {}
     pending: dict[PrefectFuture, tuple[str, str | Run]] = {}
+    # Each future says once that it is done. (prefect.futures.as_completed over the pending
+    # futures, called again after each one, would register a new waiter on every pending
+    # future each time: quadratic in the grid's size, on the scheduler's event loop.)
+    finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+
+    def submitted(future: PrefectFuture, what: tuple[str, str | Run]) -> None:
+        pending[future] = what
+        future.add_done_callback(finished.put)
 
     def bank_ready(key: str, bank: TeacherBank, accuracy: float) -> None:
         for pair in work.pairs_of(key):
             teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
             print(f"[{pair}] teacher test accuracy {accuracy:.4f}", flush=True)
             for run in work.todo[pair]:
-                future = run_task.submit(run, wheel, bank, grid.distill)
-                pending[future] = ("run", run)
+                submitted(run_task.submit(run, wheel, bank, grid.distill), ("run", run))
 
     for key, dataset in work.teacher_sets.items():
         name = dataset.root.name.strip("<>")
@@ -253,11 +261,11 @@ def bench_grid(
         if hit is not None:
             bank_ready(key, *hit)
         else:
-            future = teacher_task.submit(work.pairs_of(key)[0], wheel, grid.teacher)
-            pending[future] = ("teacher", key)
+            pair = work.pairs_of(key)[0]
+            submitted(teacher_task.submit(pair, wheel, grid.teacher), ("teacher", key))
     with Path(runs_file).open("ab") as sink:
         while pending:
-            future = next(as_completed(list(pending)))
+            future = finished.get()
             kind, what = pending.pop(future)
             if kind == "teacher":
                 bank, accuracy = future.result()
