@@ -39,14 +39,18 @@ def _checkpoint(layout: Layout, name: str, params: TeacherParams | DistillParams
         "data": {role: report[role]["sha256"] for role in ("teacher", "student")},
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return str(layout.checkpoint(name)), key
+    path = layout.checkpoint(name)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a kill mid-write left it
+        stale.unlink(missing_ok=True)
+    return str(path), key
 
 
 def clear_checkpoints(layout: Layout, stage: str) -> None:
     """Delete the stage's resume checkpoints once all its outputs are written. Until then a
     finished method's checkpoint stays, so a stage killed later resumes it at its last epoch
     (DVC deletes the stage's outputs before running it again)."""
-    for path in layout.checkpoint(stage).parent.glob(f"{stage}*.pt"):
+    folder = layout.checkpoint(stage).parent
+    for path in [*folder.glob(f"{stage}*.pt"), *folder.glob(f".{stage}*.pt.*.tmp")]:
         path.unlink(missing_ok=True)
 
 
