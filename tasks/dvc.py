@@ -61,14 +61,13 @@ def stage_environment(api_url: str | None, run: dict[str, str] | None = None) ->
 
 
 class _Output:
-    """A command's output, written in chunks: each complete line goes to ``logger`` (of a
-    progress bar redrawn with carriage returns, the last state), each redraw to
+    """What DVC and the stage print, written in chunks: each complete line goes to ``logger``
+    (of a progress bar redrawn with carriage returns, the last state), each redraw to
     :data:`live_output` when set. A file-like object, so a stage run in this process can write
     to it as the command's process would; DVC's thread and the stage's may both write."""
 
     def __init__(self, logger):
         self.logger = logger
-        self.lines: list[str] = []
         self.pending = ""
         self.lock = threading.RLock()
 
@@ -81,7 +80,6 @@ class _Output:
         *complete, self.pending = self.pending.split("\n")
         for raw in complete:
             line = raw.split("\r")[-1]
-            self.lines.append(line)
             if line.strip():
                 self.logger.info("%s", line)
         if "\r" in self.pending and live_output is not None:
@@ -96,13 +94,12 @@ class _Output:
     def isatty(self) -> bool:
         return False
 
-    def close(self) -> str:
-        """The whole output, one string (an unfinished last line logged too)."""
-        if self.pending.strip():
-            self.lines.append(self.pending.split("\r")[-1])
-            self.logger.info("%s", self.lines[-1])
-        self.pending = ""
-        return "\n".join(self.lines)
+    def close(self) -> None:
+        """Log an unfinished last line too."""
+        with self.lock:
+            if self.pending.strip():
+                self.logger.info("%s", self.pending.split("\r")[-1])
+            self.pending = ""
 
 
 @contextlib.contextmanager
