@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
-from cmkd_core.data import ModalityDataset, atomic_path, check_dataset, sha256_file
+from cmkd_core.data import (
+    ModalityDataset,
+    atomic_path,
+    check_dataset,
+    leftover_temporaries,
+    sha256_file,
+)
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.auto import candidates, choose, students_of
 from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
@@ -40,7 +46,7 @@ def _checkpoint(layout: Layout, name: str, params: TeacherParams | DistillParams
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     path = layout.checkpoint(name)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a kill mid-write left it
+    for stale in leftover_temporaries(path):  # a kill mid-write left it
         stale.unlink(missing_ok=True)
     return str(path), key
 
@@ -50,7 +56,7 @@ def clear_checkpoints(layout: Layout, stage: str) -> None:
     finished method's checkpoint stays, so a stage killed later resumes it at its last epoch
     (DVC deletes the stage's outputs before running it again)."""
     folder = layout.checkpoint(stage).parent
-    for path in [*folder.glob(f"{stage}*.pt"), *folder.glob(f".{stage}*.pt.*.tmp")]:
+    for path in [*folder.glob(f"{stage}*.pt"), *leftover_temporaries(folder / f"{stage}*.pt")]:
         path.unlink(missing_ok=True)
 
 

@@ -245,6 +245,9 @@ def read_dataset(root: str | Path) -> ModalityDataset:
     return ModalityDataset(root, meta, manifest, arrays, labelled)
 
 
+TEMPORARY = ".tmp"  # the suffix of atomic_path's temporary files
+
+
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
@@ -255,7 +258,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TEMPORARY, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -268,6 +271,13 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise type(exc)(exc.errno, f"writing {final}: {exc.strerror or exc}") from exc
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def leftover_temporaries(final: str | Path) -> list[Path]:
+    """The temporary files :func:`atomic_path` made for ``final`` and a kill left behind (the
+    name part of ``final`` may be a glob pattern: ``folder/stage*.pt``)."""
+    final = Path(final)
+    return sorted(final.parent.glob(f".{final.name}.*{TEMPORARY}"))
 
 
 def sha256_file(path: str | Path) -> str:
