@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from cmkd_core.data.contract import SPLITS, atomic_path
+from cmkd_core.data.contract import SPLITS
+from cmkd_core.tensorfile import save_tensors
 
 
 class BankError(ValueError):
@@ -115,8 +115,7 @@ def save_bank(bank: TeacherBank, path: str | Path) -> None:
         "info": json.dumps(bank.info),
         "ids": json.dumps(list(bank.ids)),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_tensors(tensors, path, metadata)
 
 
 def load_bank(path: str | Path) -> TeacherBank:

@@ -81,8 +81,24 @@ def export_onnx(model: Classifier, example: Samples, path: str | Path, opset: in
             verbose=False,
         )
         program.save(str(tmp), external_data=False)
+        proto = onnx.load(str(tmp))
+        _drop_stack_traces(proto)
+        onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
     return Path(path)
+
+
+def _drop_stack_traces(proto: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node Python stack traces: they name this checkout's absolute
+    paths, so the same student exported from two folders would give two different files."""
+    graphs = [proto.graph, *proto.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            graphs += [a.g for a in node.attribute if a.HasField("g")]
 
 
 def onnx_logits(

@@ -9,13 +9,11 @@ from pathlib import Path
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
-from safetensors.torch import save_file
 
 from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data import (
     ModalityDataset,
-    atomic_path,
     check_dataset,
     leftover_temporaries,
     sha256_file,
@@ -30,6 +28,7 @@ from cmkd_core.teachers import (
     bank_from_onnx,
     bank_from_vectors,
 )
+from cmkd_core.tensorfile import save_tensors
 from tasks.data import write_json
 from tasks.layout import Layout
 from tasks.timing import computing
@@ -125,12 +124,11 @@ def _given_teacher(layout: Layout, params: TeacherParams, dataset) -> dict:
         "sha256": sha256_file(path),
     }
     bank.info.update(metrics)
-    with atomic_path(layout.teacher_weights) as tmp:
-        save_file(
-            {"head_weight": bank.head_weight, "head_bias": bank.head_bias},
-            str(tmp),
-            metadata={"source": params.source, "file": str(path), "sha256": metrics["sha256"]},
-        )
+    save_tensors(
+        {"head_weight": bank.head_weight, "head_bias": bank.head_bias},
+        layout.teacher_weights,
+        {"source": params.source, "file": str(path), "sha256": metrics["sha256"]},
+    )
     save_bank(bank, layout.bank)
     write_json(layout.teacher_metrics, metrics)
     get_run_logger().info(

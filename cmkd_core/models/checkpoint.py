@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from cmkd_core.data.contract import atomic_path
 from cmkd_core.models.encoders import Classifier
 from cmkd_core.models.registry import create_model
+from cmkd_core.tensorfile import save_tensors
 
 
 class CheckpointError(ValueError):
@@ -32,8 +31,7 @@ def save_classifier(
     """Write weights (safetensors) with ``spec`` and ``info`` in the metadata, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"spec": json.dumps(spec), "info": json.dumps(info or {})}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_tensors(tensors, path, metadata)
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, dict, dict]:

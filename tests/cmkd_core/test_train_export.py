@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -62,6 +64,9 @@ def test_onnx_export_matches_torch_on_the_test_split(trained, tmp_path):
     path = export_onnx(model, test, tmp_path / "student.onnx")
     onnx.checker.check_model(str(path))
     assert not list(tmp_path.glob("*.data")), "weights must live inside the one file"
+    # Nothing of this checkout in the file: the same student gives the same bytes anywhere.
+    here = str(Path(__file__).resolve().parents[2]).encode()
+    assert b"stack_trace" not in path.read_bytes() and here not in path.read_bytes()
     parity = check_parity(model, path, test, atol=1e-4)
     assert parity.n == len(test) == 600 and parity.same_predictions
     # Dynamic axes: batch 1 of 6 frames, batch 7 of 92 frames.
@@ -86,3 +91,22 @@ def test_parity_gate_fails_when_onnx_and_torch_disagree(trained, tmp_path):
         with torch.no_grad():
             model.head.bias[0] -= 1.0
     assert onnx_logits(ort.InferenceSession(str(path)), test).shape == (600, 10)
+
+
+def test_safetensors_files_have_the_same_bytes_whichever_process_writes_them(tmp_path):
+    """safetensors orders its metadata by a per-process hash seed; ours is sorted."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = (
+        "import sys, torch; from cmkd_core.tensorfile import save_tensors; "
+        "save_tensors({'w': torch.arange(6.).reshape(2, 3), 'b': torch.ones(2)}, sys.argv[1], "
+        "{'spec': '{}', 'info': '[]', 'ids': 'x', 'classes': 'y'})"
+    )
+    paths = [tmp_path / f"{i}.safetensors" for i in range(6)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
+    assert torch.equal(load_file(paths[0])["w"], torch.arange(6.0).reshape(2, 3))

@@ -29,17 +29,20 @@ def _files(root):
 
 
 def test_disk_full_while_writing_the_bank_fails_the_teacher_stage_cleanly(project, monkeypatch):
-    import cmkd_core.bank as bank_module
+    import cmkd_core.tensorfile as tensorfile
     from flows.stages import teacher
 
     before = _files(project)
 
-    def full_disk(tensors, filename, metadata=None):
+    def full_disk(filename, data):
+        if not str(filename).startswith(str(project / "data" / "teacher" / ".bank")):
+            return real(filename, data)
         with open(filename, "wb") as handle:  # half a file, then the disk is full
-            handle.write(b"\0" * 1000)
+            handle.write(data[:1000])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(bank_module, "save_file", full_disk)
+    real = tensorfile._write
+    monkeypatch.setattr(tensorfile, "_write", full_disk)
     with pytest.raises(OSError, match=r"writing .*bank\.safetensors: No space left on device"):
         teacher(root=str(project))
     after = _files(project)
