@@ -2,8 +2,9 @@
 
 The flow is what ``cmkd run`` and the scheduled deployment (``prefect.yaml``) run:
 
-1. ``dvc pull`` from the default remote (a local folder unless configured otherwise), so a
-   fresh machine starts from the artifacts of earlier runs;
+1. the partial outputs of a stage whose last run did not finish (killed, interrupted) are
+   removed (its resume checkpoints stay); then ``dvc pull`` from the default remote (a local
+   folder unless configured otherwise), so a fresh machine starts from earlier artifacts;
 2. ``dvc status``: when nothing is stale, the run stops here, having changed nothing;
 3. ``dvc repro --single-item`` for each stage in order (DVC skips the unchanged ones); the
    stage commands DVC starts have their flows run here, in this process, as subflows
@@ -28,7 +29,7 @@ from prefect.runtime import flow_run
 
 from cmkd_core.data import write_text_atomic
 from flows.stages import STAGES, run_stage
-from tasks.dvc import pull, push, reproduce_stage, stale_stages
+from tasks.dvc import clear_unfinished, pull, push, reproduce_stage, stale_stages
 from tasks.layout import Layout
 from tasks.stage_host import hosting
 from tasks.timing import report
@@ -100,6 +101,7 @@ def pipeline(root: str = ".") -> dict:
     logger = get_run_logger()
     run = {"name": str(flow_run.name or "local"), "id": str(flow_run.id or "")}
     record: dict = {"flow_run": run["name"], "flow_run_id": run["id"]}
+    record["cleared"] = clear_unfinished(root_path)
     record["pulled"] = pull(root_path)
     stale = stale_stages(root_path)
     record["stale"], record["ran"], record["restored"] = stale, [], []

@@ -101,16 +101,22 @@ def run_stage(name: str, root: Path, traceback: bool = True) -> int:
     """Run stage ``name``'s flow for the project at ``root`` in this process, as ``cmkd stage``
     does: returns 0, or 2 for bad data, params or a bad bank, 1 for anything else; a failure's
     message is printed to stderr (after its traceback if ``traceback``) and left in
-    ``.cmkd/last-error.json`` for the pipeline flow that ran the stage through DVC."""
+    ``.cmkd/last-error.json`` for the pipeline flow that ran the stage through DVC. Until the
+    flow succeeds, ``.cmkd/unfinished/NAME`` says that the stage's outputs may be partial."""
     import json
+    import os
     import sys
 
     from cmkd_core.bank import BankError
     from cmkd_core.config import ParamsError
     from cmkd_core.data import DataContractError, write_text_atomic
 
+    marker = Layout(Path(root)).unfinished(name)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(marker, f"{os.getpid()}\n")
     try:
         STAGES[name](root=str(root))
+        marker.unlink(missing_ok=True)
         return 0
     except (DataContractError, ParamsError, BankError) as exc:
         message, code = str(exc), 2

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -203,6 +204,41 @@ def _with_remote(root: Path, action: str) -> bool:
         else:
             logger.info("%d files pushed", repo.push())
     return True
+
+
+@task(name="clear-unfinished", cache_policy=NONE)
+def clear_unfinished(root: Path) -> list[str]:
+    """Remove the workspace outputs of every stage whose last command did not finish (killed,
+    interrupted or failed: ``.cmkd/unfinished/STAGE``, written by ``cmkd stage``). They are
+    partial: a stage writes its files one by one (``auto``'s candidates as each ends), and DVC
+    would refuse to check out over them ("unsaved files"). What a resume needs is not among
+    them (``.cmkd/checkpoints``). Returns the stages cleared, in ``dvc.yaml`` order."""
+    layout = Layout(root)
+    spec = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    cleared = []
+    for name, stage in spec.items():
+        marker = layout.unfinished(name)
+        if not marker.exists():
+            continue
+        removed = []
+        for out in _paths(stage.get("outs", []) + stage.get("metrics", [])):
+            path = root / out
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            removed.append(out)
+        marker.unlink()
+        cleared.append(name)
+        get_run_logger().info(
+            "%s: its last run did not finish; removed its partial outputs (%s); its resume "
+            "checkpoints are kept",
+            name,
+            ", ".join(removed) or "none",
+        )
+    return cleared
 
 
 @task(name="dvc-pull", retries=2, retry_delay_seconds=5, cache_policy=NONE)

@@ -85,6 +85,12 @@ class Layout:
         """The error of the last failed ``cmkd stage``, read by the pipeline flow."""
         return self.root / ".cmkd" / "last-error.json"
 
+    def unfinished(self, stage: str) -> Path:
+        """Marks ``stage`` as started and not finished: written when its command starts, removed
+        when it succeeds. Left by a kill, Ctrl-C or a failure, it tells the next ``cmkd run``
+        that the stage's outputs in the workspace are partial (tasks/dvc.py)."""
+        return self.root / ".cmkd" / "unfinished" / stage
+
     @property
     def logs(self) -> Path:
         """Where ``cmkd run`` writes each run's full log."""
