@@ -289,6 +289,7 @@ def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratc
     assert "mfcc.npy column=- row=0 check=finite: NaN or inf values" in done.stderr
     assert report.read_bytes() == before
     # Through DVC, from validate on: the failure stops the chain before any later stage.
+    lock_before = yaml.safe_load((scratch_repo / "dvc.lock").read_text())["stages"]
     repro = _python(scratch_repo, "dvc", "repro", "--downstream", "validate", api_url=_api_url())
     assert repro.returncode != 0
     assert "Running stage 'validate'" in repro.stdout
@@ -296,3 +297,15 @@ def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratc
     assert "check=finite" in repro.stdout + repro.stderr
     assert downstream.read_bytes() == onnx_before
     assert not list((scratch_repo / "data").rglob("*.tmp"))
+    # What DVC changes, as docs/reliability.md says: it deletes a stage's outputs before it
+    # runs the stage, so the report is gone (no report vouches for data that failed), while
+    # dvc.lock keeps the last good validation, whose report DVC's cache still holds; every
+    # problem is in .cmkd/reports; no later stage's output changed.
+    assert not report.exists()
+    lock_after = yaml.safe_load((scratch_repo / "dvc.lock").read_text())["stages"]
+    assert lock_after["validate"] == lock_before["validate"]
+    assert {k: v for k, v in lock_after.items() if k != "prepare"} == {
+        k: v for k, v in lock_before.items() if k != "prepare"
+    }
+    problems = (scratch_repo / ".cmkd" / "reports" / "validation-problems.txt").read_text()
+    assert "mfcc.npy column=- row=0 check=finite" in problems
