@@ -7,16 +7,53 @@ stage in ``dvc.yaml`` declares the section(s) it uses.
 
 from __future__ import annotations
 
+import difflib
 import posixpath
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def method_names() -> list[str]:
+    """What ``distill.method`` accepts: ``auto``, the registered methods and their named
+    variants. The registry imports torch, so it is imported here, when a name is checked, and
+    not when this module is."""
+    from cmkd_core.distill.auto import VARIANTS
+    from cmkd_core.distill.methods import list_methods
+
+    return ["auto", *list_methods(), *VARIANTS]
+
+
+def model_names() -> list[str]:
+    """What ``teacher.model`` and ``distill.model`` accept: the registered encoders."""
+    from cmkd_core.models import list_models
+
+    return list_models()
+
+
+def known_name(kind: str, value: str, valid: Iterable[str]) -> str:
+    """``value`` if it is one of ``valid``; otherwise a ``ValueError`` that lists them all
+    (and the closest, when one is close: a typo)."""
+    valid = list(valid)
+    if value in valid:
+        return value
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown {kind} {value!r}{hint}; valid: {', '.join(valid)}")
 
 
 class DataParams(_Strict):
@@ -73,6 +110,11 @@ class TeacherParams(_Strict):
     """CPU threads torch uses for this stage. Fixed, so that one machine gives one answer
     whatever ``OMP_NUM_THREADS`` says (float sums are grouped by thread count); results can
     still differ in the last digits across CPU kinds and torch builds."""
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return known_name("model", value, model_names())
 
 
 class OTParams(_Strict):
@@ -173,6 +215,36 @@ class DistillParams(_Strict):
     """Mixed precision of the training step: bf16 autocast (``auto``: on CUDA only). The OT
     of feature alignment always runs in float32; the weights stay float32."""
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        return value if value == "auto" else known_name("method", value, method_names())
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return known_name("model", value, model_names())
+
+    @model_validator(mode="after")
+    def _pairing(self) -> DistillParams:
+        """Combinations the distill stage would refuse only after the teacher has trained."""
+        if self.method != "auto" and self.pairing != "paired":
+            from cmkd_core.distill.auto import base_method
+            from cmkd_core.distill.methods import method_class
+
+            if method_class(base_method(self.method)).needs_pairs:
+                raise ValueError(
+                    f"method {self.method!r} needs instance pairs: set distill.pairing: paired "
+                    "(the student's manifest then needs a 'pair' column), or choose an "
+                    "unpaired method"
+                )
+        if self.pairing == "paired" and self.robustness != "clean":
+            raise ValueError(
+                f"robustness {self.robustness!r} applies to unpaired runs only: set "
+                "distill.robustness: clean or distill.pairing: unpaired"
+            )
+        return self
+
 
 class ExportParams(_Strict):
     """Stage ``export``: ONNX file and the parity gate against torch."""
@@ -247,5 +319,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
-        raise ParamsError(f"{path}: invalid parameters\n" + "\n".join(lines)) from None
+        lines = [_error_line(err) for err in exc.errors()]
+    if len(lines) == 1:  # one line, as `cmkd run` and `cmkd stage` print it
+        raise ParamsError(f"{path}: invalid parameters: {lines[0]}")
+    raise ParamsError(f"{path}: invalid parameters\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def _error_line(err: dict) -> str:
+    """One pydantic error as ``key.path: message``; a choice among names also says what was
+    given, and a validator's message loses pydantic's ``Value error,`` prefix."""
+    where = ".".join(str(p) for p in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "literal_error":
+        message += f", not {err['input']!r}"
+    return f"{where}: {message}" if where else message

@@ -79,7 +79,7 @@ def read_texts(path: Path, classes: tuple[str, ...] | None = None) -> pd.DataFra
     checked: every text non-empty, and with ``classes`` (the student's) every label one of
     them and every class with at least one text. Raises :class:`DataContractError` naming the
     file, column and row of each problem."""
-    from cmkd_core.data.importers import read_table
+    from cmkd_core.data.tables import read_table
 
     table = read_table(path)
     problems = []

@@ -139,6 +139,20 @@ def _summary(ds: ModalityDataset) -> dict:
     return summary
 
 
+def _users_text(layout: Layout, text: str) -> str:
+    """``text`` naming the imported folders instead of their prepared copies, when the pair
+    was imported."""
+    try:
+        params = load_params(layout.params).data
+    except ValueError:
+        return text
+    if params.source != "import":
+        return text
+    for role, prepared in (("teacher", layout.teacher_data), ("student", layout.student_data)):
+        text = text.replace(str(prepared), str(layout.root / params.import_dir / role))
+    return text
+
+
 def _users_file(layout: Layout, problem: Problem) -> Problem:
     """``problem`` naming the imported file it was copied from, when the pair was imported."""
     try:
@@ -165,15 +179,20 @@ def validate_pair(layout: Layout) -> dict:
     user's files in ``data.import_dir``, not the prepared copies.
     """
     try:
-        teacher, student = check_pair(layout.teacher_data, layout.student_data)
+        pair = check_pair(layout.teacher_data, layout.student_data)
     except DataContractError as exc:
         problems = [_users_file(layout, p) for p in exc.problems]
         write_text_atomic(layout.validation_problems, "".join(f"{p}\n" for p in problems))
         raise DataContractError(problems, report=str(layout.validation_problems)) from None
+    teacher, student = pair
+    warnings = [_users_text(layout, warning) for warning in pair.warnings]
+    for warning in warnings:
+        get_run_logger().warning("%s", warning)
     report = {
         "classes": list(teacher.meta.classes),
         "teacher": _summary(teacher),
         "student": _summary(student),
+        "warnings": warnings,
     }
     write_json(layout.validation_report, report)
     return report

@@ -58,6 +58,24 @@ def _natural_key(name: str, fold: bool) -> tuple:
     )
 
 
+_FLOAT_INTEGER = re.compile(r"^([+-]?[0-9]+)\.0*$")
+
+
+def integer_written_as_float(name: str) -> str | None:
+    """The integer spelling of a class name written as a whole float (``"3.0"`` -> ``"3"``,
+    ``"-2.00"`` -> ``"-2"``), or ``None`` for any other name. pandas writes an integer column
+    that holds a missing value as floats, so ``0 .. 9`` can arrive as ``0.0 .. 9.0``."""
+    match = _FLOAT_INTEGER.match(name)
+    return match.group(1) if match else None
+
+
+def spelling_key(name: str) -> str:
+    """``name`` without surrounding whitespace and with a whole float written as an integer:
+    two class names with one key differ only in how they are spelled."""
+    stripped = name.strip()
+    return integer_written_as_float(stripped) or stripped
+
+
 def class_order(names: Iterable[str]) -> tuple[str, ...]:
     """The distinct ``names`` in natural order: numbers inside names compared as numbers
     (``"2"`` before ``"10"``, ``"c9"`` before ``"c10"``), text alphabetically ignoring case,
@@ -218,8 +236,49 @@ def safe_member(root: Path, name: str) -> Path | None:
     return root / candidate
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """The shape, dtype and data offset (bytes) the header of the ``.npy`` at ``path``
+    declares, or ``None`` when the header itself is unreadable (``np.load`` then says why)."""
+    fmt = np.lib.format
+    with open(path, "rb") as handle:
+        try:
+            version = fmt.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(handle)
+            else:
+                return None
+        except (ValueError, EOFError):
+            return None
+        return tuple(int(s) for s in shape), dtype, handle.tell()
+
+
+def npy_truncation(path: Path) -> str | None:
+    """Why the ``.npy`` at ``path`` is shorter than its header says: the file, the bytes the
+    header declares and the bytes present; ``None`` when it is complete (or has no readable
+    header, or holds objects, for ``np.load`` to refuse)."""
+    header = _npy_header(path)
+    if header is None or header[1].hasobject:
+        return None
+    shape, dtype, offset = header
+    declared = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    present = path.stat().st_size
+    if present >= declared:
+        return None
+    return (
+        f"{path} is truncated: its header declares shape {shape} {dtype}, {declared} bytes "
+        f"({offset} of header and {declared - offset} of data), but the file has {present} "
+        f"bytes ({declared - present} missing); write it again (np.save) or copy it whole"
+    )
+
+
 def load_npy(path: Path) -> np.ndarray:
-    """Load a ``.npy`` file memory-mapped, refusing pickled object arrays."""
+    """Load a ``.npy`` file memory-mapped, refusing pickled object arrays and a truncated file
+    (``ValueError`` naming the bytes declared and present)."""
+    problem = npy_truncation(path)
+    if problem is not None:
+        raise ValueError(problem)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 

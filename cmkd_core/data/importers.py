@@ -10,11 +10,15 @@
 
 The table needs ``label``; ``id``, ``split`` (train/val/test) and ``pair`` (the id of the paired
 sample of the other modality) are optional. Labels are taken as written (``"03"`` and ``"3"``
-are two classes); one with leading or trailing whitespace is refused. The class list is the
-labels in :func:`~cmkd_core.data.contract.class_order` (natural order), the order a teacher
-head's rows follow. The samples must be float32 (other dtypes are refused, never cast) and
-finite; every non-finite sample is reported (the first ``validate.MAX_REPORTED`` by row, then a
-count).
+are two classes); one with leading or trailing whitespace is refused, and so are integers
+written as floats (every class like ``3.0``, or ``3.0`` beside ``3``), which a teacher's ``3``
+would not match. The class list is the labels in :func:`~cmkd_core.data.contract.class_order`
+(natural order), the order a teacher head's rows follow. Every class needs a sample in each
+split; a gap is refused naming the table and its ``split`` (or ``label``) column. The samples
+must be float32 (other dtypes are refused, never cast) and finite; every non-finite sample is
+reported (the first ``validate.MAX_REPORTED`` by row, then a count). A truncated ``.npy``, an
+``.npz`` without ``x`` and lengths that do not sum to the frames are refused with the bytes,
+the first member names or the first offending row.
 
 A ``.npy`` is read and copied in chunks of at most ``chunk`` samples and 16 MB, so the arrays
 need not fit in memory (``bench/stream.py`` shows the peak staying flat for 10x the data). The
@@ -35,63 +39,30 @@ import pandas as pd
 from cmkd_core.data.contract import (
     DataContractError,
     DatasetMeta,
-    Problem,
     class_order,
+    npy_truncation,
     write_dataset,
 )
 from cmkd_core.data.defaults import labelled_subset, stratified_splits
 from cmkd_core.data.npyio import NpyRows, NpyWriter
+from cmkd_core.data.tables import (
+    check_frames,
+    fail,
+    npz_without_x,
+    read_table,
+    split_problems,
+    table_lengths,
+)
 from cmkd_core.data.validate import MAX_REPORTED, check_dataset, finite_problems
 from cmkd_core.frontend import AudioError, AudioFrontEnd, ImageError, ImageFrontEnd, read_wav
 
 SAMPLES = "samples.npy"
 CHUNK_BYTES = 1 << 24
-TEXT_COLUMNS = ("label", "id", "split", "pair")
-
-
-def _fail(file: Path, column: str, row: object, check: str, detail: str) -> DataContractError:
-    return DataContractError([Problem(str(file), column, str(row), check, detail)])
 
 
 def _refuse_existing(out: Path) -> None:
     if out.exists():
-        raise _fail(out, "-", "-", "absent", "exists already; choose a new folder")
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """The labels table (``.csv`` or ``.parquet``) with string ids, labels and splits."""
-    if not path.is_file():
-        raise _fail(path, "-", "-", "exists", "no such file")
-    try:
-        if path.suffix == ".parquet":
-            table = pd.read_parquet(path)
-        else:  # text columns as written: no "3 " -> 3 or "03" -> 3 by number parsing
-            table = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
-    except Exception as exc:  # pandas raises many types for unreadable files
-        raise _fail(path, "-", "-", "readable", str(exc)) from None
-    if "label" not in table.columns:
-        raise _fail(path, "label", "-", "required", f"columns are {list(table.columns)}")
-    for column in TEXT_COLUMNS:
-        if column in table.columns:
-            missing = table[column].isna().to_numpy().nonzero()[0]
-            if len(missing):
-                raise _fail(path, column, int(missing[0]), "not_null", "empty value")
-            table[column] = table[column].astype(str)
-    padded = np.nonzero((table["label"] != table["label"].str.strip()).to_numpy())[0]
-    if len(padded):
-        raise DataContractError(
-            [
-                Problem(
-                    str(path),
-                    "label",
-                    str(row),
-                    "no_surrounding_whitespace",
-                    f"{table['label'].iloc[row]!r} has leading or trailing whitespace",
-                )
-                for row in padded
-            ]
-        )
-    return table
+        raise fail(out, "-", "-", "absent", "exists already; choose a new folder")
 
 
 def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
@@ -99,31 +70,34 @@ def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
     frames ``(j - i, F)`` (sequences) or samples ``(j - i, *sample_shape)`` (fixed), float32;
     any other dtype is refused."""
     if not arrays.is_file():
-        raise _fail(arrays, "-", "-", "exists", "no such file")
+        raise fail(arrays, "-", "-", "exists", "no such file")
     try:
         if arrays.suffix == ".npz":
             with np.load(arrays, allow_pickle=False) as npz:
                 if "x" not in npz.files:
-                    raise _fail(arrays, "x", "-", "required", f"members are {npz.files}")
+                    raise npz_without_x(arrays, npz.files)
                 x = npz["x"]
                 lengths = npz["lengths"] if "lengths" in npz.files else None
             if lengths is not None:
                 if lengths.shape != (len(x),) or x.ndim != 3:
-                    raise _fail(arrays, "lengths", "-", "shape", "needs x (N, T, F), lengths (N,)")
+                    raise fail(arrays, "lengths", "-", "shape", "needs x (N, T, F), lengths (N,)")
                 bad = np.nonzero((lengths < 1) | (lengths > x.shape[1]))[0]
                 if len(bad):
-                    raise _fail(arrays, "lengths", int(bad[0]), "range", f"1..{x.shape[1]}")
+                    raise fail(arrays, "lengths", int(bad[0]), "range", f"1..{x.shape[1]}")
                 x = np.concatenate([x[i, :n] for i, n in enumerate(lengths)])
         else:
+            truncated = npy_truncation(arrays)
+            if truncated is not None:
+                raise fail(arrays, "-", "-", "readable", truncated)
             x = NpyRows(arrays)  # read a chunk at a time, never whole
-            lengths = table["length"].to_numpy() if "length" in table.columns else None
+            lengths = table_lengths(labels, table) if "length" in table.columns else None
     except DataContractError:
         raise
     except Exception as exc:  # truncated, corrupt or pickled arrays
-        raise _fail(arrays, "-", "-", "readable", f"not a readable array: {exc}") from None
+        raise fail(arrays, "-", "-", "readable", f"not a readable array: {exc}") from None
     if x.dtype.kind != "f" or x.dtype.itemsize != 4:  # float32 of either byte order
         found = f"{x.dtype}" + ("" if x.dtype.kind in "fiub" else " (not numeric)")
-        raise _fail(
+        raise fail(
             arrays,
             "x" if arrays.suffix == ".npz" else "-",
             "-",
@@ -133,13 +107,13 @@ def _sources(arrays: Path, table: pd.DataFrame, labels: Path):
         )
     if lengths is None:
         if len(x) != len(table):
-            raise _fail(labels, "-", len(x), "rows", f"{len(table)} rows for {len(x)} samples")
+            raise fail(labels, "-", len(x), "rows", f"{len(table)} rows for {len(x)} samples")
         return "fixed", tuple(x.shape[1:]), None, _reader(x)
     lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) != len(table) or (lengths < 1).any() or lengths.sum() != len(x):
-        raise _fail(
-            labels, "length", "-", "frames", f"lengths sum to {lengths.sum()}, {len(x)} frames"
-        )
+    if len(lengths) != len(table):
+        detail = f"{len(table)} rows for {len(lengths)} samples"
+        raise fail(labels, "-", len(lengths), "rows", detail)
+    check_frames(labels, lengths, len(x))
     return "sequence", tuple(x.shape[1:]), lengths, _reader(x)
 
 
@@ -180,14 +154,17 @@ def import_arrays(
         splits = table["split"].to_numpy()
         bad = np.nonzero(~np.isin(splits, ["train", "val", "test"]))[0]
         if len(bad):
-            raise _fail(labels, "split", int(bad[0]), "isin", f"{splits[bad[0]]!r}")
+            raise fail(labels, "split", int(bad[0]), "isin", f"{splits[bad[0]]!r}")
     else:
         splits = stratified_splits(index, val_fraction, test_fraction, seed)
+    coverage = split_problems(labels, label_values, np.asarray(splits), "split" in table.columns)
+    if coverage:
+        raise DataContractError(coverage)
     if "id" in table.columns:
         ids = table["id"]
         repeated = np.nonzero(ids.duplicated().to_numpy())[0]
         if len(repeated):
-            raise _fail(labels, "id", int(repeated[0]), "unique", f"{ids.iloc[repeated[0]]!r}")
+            raise fail(labels, "id", int(repeated[0]), "unique", f"{ids.iloc[repeated[0]]!r}")
     else:
         ids = [f"{name}-{i:06d}" for i in range(len(table))]
     counts = np.ones(len(table), np.int64) if lengths is None else lengths
@@ -246,17 +223,24 @@ def import_arrays(
     return out
 
 
+def _naming(exc: DataContractError, written: Path, users: Path) -> DataContractError:
+    """``exc`` with the table a converter wrote (``written``) named as the user's ``users``,
+    whose rows it keeps in order."""
+    problems = [replace(p, file=str(users)) if p.file == str(written) else p for p in exc.problems]
+    return DataContractError(problems, exc.report)
+
+
 def _files_of(folder: Path, labels: Path, out: Path) -> tuple[pd.DataFrame, list[Path]]:
     """The labels table and the path of each row's ``file`` (all checked to exist) for the
     converters that read one file per sample."""
     _refuse_existing(out)
     table = read_table(labels)
     if "file" not in table.columns:
-        raise _fail(labels, "file", "-", "required", f"columns are {list(table.columns)}")
+        raise fail(labels, "file", "-", "required", f"columns are {list(table.columns)}")
     paths = [folder / file for file in table["file"]]
     for row, path in enumerate(paths):
         if not path.is_file():
-            raise _fail(labels, "file", row, "exists", f"{path}: no such file")
+            raise fail(labels, "file", row, "exists", f"{path}: no such file")
     out.parent.mkdir(parents=True, exist_ok=True)
     return table, paths
 
@@ -287,7 +271,7 @@ def import_wav(
                 try:
                     frames = front_end(*read_wav(path))
                 except AudioError as exc:
-                    raise _fail(path, "-", row, "wav", str(exc)) from None
+                    raise fail(path, "-", row, "wav", str(exc)) from None
                 sink.write(frames.tobytes())
                 lengths.append(len(frames))
         width = front_end.num_features
@@ -299,19 +283,22 @@ def import_wav(
         raw.unlink()
         table = table.drop(columns="file").assign(length=lengths)
         table.to_csv(staging / "labels.csv", index=False)
-        out = import_arrays(
-            frames_npy,
-            staging / "labels.csv",
-            out,
-            name=name,
-            modality="audio",
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            labelled_per_class=labelled_per_class,
-            extra={"front_end": front_end.to_json()},
-            source=f"{folder} (WAV, {front_end.features})",
-        )
+        try:
+            out = import_arrays(
+                frames_npy,
+                staging / "labels.csv",
+                out,
+                name=name,
+                modality="audio",
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+                seed=seed,
+                labelled_per_class=labelled_per_class,
+                extra={"front_end": front_end.to_json()},
+                source=f"{folder} (WAV, {front_end.features})",
+            )
+        except DataContractError as exc:
+            raise _naming(exc, staging / "labels.csv", labels) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -342,21 +329,24 @@ def import_images(
                 try:
                     images.write(front_end(path)[None])
                 except ImageError as exc:
-                    raise _fail(path, "-", row, "image", str(exc)) from None
+                    raise fail(path, "-", row, "image", str(exc)) from None
         table.drop(columns="file").to_csv(staging / "labels.csv", index=False)
-        out = import_arrays(
-            staging / "images.npy",
-            staging / "labels.csv",
-            out,
-            name=name,
-            modality="image",
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            labelled_per_class=labelled_per_class,
-            extra={"front_end": front_end.to_json()},
-            source=f"{folder} (images)",
-        )
+        try:
+            out = import_arrays(
+                staging / "images.npy",
+                staging / "labels.csv",
+                out,
+                name=name,
+                modality="image",
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+                seed=seed,
+                labelled_per_class=labelled_per_class,
+                extra={"front_end": front_end.to_json()},
+                source=f"{folder} (images)",
+            )
+        except DataContractError as exc:
+            raise _naming(exc, staging / "labels.csv", labels) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -197,13 +197,34 @@ def read_layout(
             raise _fail(row.listed_in, row.id, "exists", f"{root / row.audio}: no such file")
         if not (root / row.frames).is_dir():
             raise _fail(row.listed_in, row.id, "exists", f"{root / row.frames}: no such folder")
-    if not (table["split"] == "val").any():
+    drawn = not (table["split"] == "val").any()
+    if drawn:
         rng = np.random.default_rng(seed)
         for _, rows in table[table["split"] == "train"].groupby("label", sort=True):
             if len(rows) > 1:  # every class keeps a train clip and gets a val clip
                 count = min(len(rows) - 1, max(1, round(val_fraction * len(rows))))
                 table.loc[rng.permutation(rows.index)[:count], "split"] = "val"
+    gaps = _split_gaps(table, kind, root, drawn)
+    if gaps:
+        raise DataContractError(gaps)
     return table.drop(columns="listed_in").reset_index(drop=True)
+
+
+def _split_gaps(table: pd.DataFrame, kind: str, root: Path, drawn: bool) -> list[Problem]:
+    """Every class needs a clip in train, val and test: the gaps, each naming the list the
+    split comes from (``root`` when the layout has no clip of that split at all)."""
+    problems = []
+    for split in ("train", "val", "test"):
+        rows = table[table["split"] == split]
+        listed = rows["listed_in"].iloc[0] if len(rows) else root
+        present = set(rows["label"])
+        why = ""
+        if split == "val" and drawn:
+            why = " (val clips are drawn from a class's train clips when it has two or more)"
+        for name in sorted(set(table["label"]) - present):
+            detail = f"class {name!r} has no {split} clip in the {kind} layout{why}"
+            problems.append(Problem(str(listed), "label", "-", f"class_in_{split}", detail))
+    return problems
 
 
 def pick_frames(folder: Path, count: int) -> list[Path]:

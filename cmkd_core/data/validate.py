@@ -7,6 +7,7 @@ check. Rows are 0-based data rows of ``manifest.csv`` (CSV line = row + 2).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +29,11 @@ from cmkd_core.data.contract import (
     read_dataset,
     read_manifest,
     safe_member,
+    spelling_key,
 )
 from cmkd_core.data.npyio import NpyRows
+
+_log = logging.getLogger(__name__)
 
 MAX_REPORTED = 20
 """Samples with NaN or inf named one by one in a report; the rest are counted."""
@@ -248,17 +252,80 @@ def check_dataset(
 def _class_list_problem(where: str, meta: DatasetMeta, classes: Sequence[str]) -> Problem:
     only_here = sorted(set(meta.classes) - set(classes))
     missing = sorted(set(classes) - set(meta.classes))
+    detail = f"classes missing here: {missing}; classes only here: {only_here}"
     return Problem(
-        where,
-        "classes",
-        "-",
-        "same_class_list",
-        f"classes missing here: {missing}; classes only here: {only_here}",
+        where, "classes", "-", "same_class_list", detail + _spelling_hint(only_here, missing)
     )
 
 
-def check_pair(teacher_root: str | Path, student_root: str | Path) -> tuple[ModalityDataset, ...]:
-    """Validate both modalities and that they share one class list; report all problems."""
+def _spelling_hint(only_here: Sequence[str], missing: Sequence[str]) -> str:
+    """What the class names that differ only in spelling (``'0.0'`` here, ``'0'`` in the run's
+    list; ``'3 '`` and ``'3'``) have in common, and the likely cause; ``""`` when none do."""
+    theirs = {spelling_key(name): name for name in missing}
+    pairs = [(mine, theirs[key]) for mine in only_here if (key := spelling_key(mine)) in theirs]
+    if not pairs:
+        return ""
+    causes = []
+    if any(mine.strip() != mine or other.strip() != other for mine, other in pairs):
+        causes.append("surrounding whitespace (strip the labels)")
+    if any(mine.strip() != other.strip() for mine, other in pairs):
+        causes.append(
+            "integers written as floats (a label column saved as float: write it as integers, "
+            "df['label'].astype(int), and import again)"
+        )
+    shown = ", ".join(f"{mine!r} here is {other!r} there" for mine, other in pairs[:3])
+    more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
+    return (
+        f"; {len(pairs)} of them differ only in spelling ({shown}{more}): likely "
+        + " and ".join(causes)
+    )
+
+
+class CheckedPair(tuple):
+    """``(teacher, student)`` as :func:`check_pair` found them (unpack it like a tuple), and
+    ``warnings``: what the contract allows but the user may not have meant, one line each."""
+
+    warnings: tuple[str, ...]
+
+    def __new__(
+        cls, teacher: ModalityDataset, student: ModalityDataset, warnings: Sequence[str] = ()
+    ) -> CheckedPair:
+        pair = super().__new__(cls, (teacher, student))
+        pair.warnings = tuple(warnings)
+        return pair
+
+
+SHOWN_IDS = 5
+"""Shared ids named in a warning; the rest are counted."""
+
+
+def shared_id_warnings(teacher: ModalityDataset, student: ModalityDataset) -> list[str]:
+    """A warning when ids are in both datasets without the student's ``pair`` naming its own
+    id: the run takes the two as unrelated samples, which may not be what the user meant (two
+    imports with one ``--name`` get the same default ids; pairs belong in ``pair``)."""
+    manifest = student.manifest
+    shared = manifest["id"].isin(set(teacher.manifest["id"]))
+    if "pair" in manifest.columns:
+        shared &= manifest["pair"].astype(str) != manifest["id"]
+    ids = list(manifest.loc[shared, "id"])
+    if not ids:
+        return []
+    shown = ", ".join(repr(i) for i in ids[:SHOWN_IDS])
+    more = f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else ""
+    return [
+        f"{len(ids)} id(s) are in both {teacher.root / MANIFEST} and {student.root / MANIFEST} "
+        f"({shown}{more}): the run takes them as unrelated samples. If they are the same items "
+        "seen in both modalities, give the student a 'pair' column naming each row's teacher "
+        "id (docs/data.md); if not, import one side with another --name (or 'id' column)"
+    ]
+
+
+def check_pair(teacher_root: str | Path, student_root: str | Path) -> CheckedPair:
+    """Validate both modalities and that they share one class list; report all problems.
+
+    Returns ``(teacher, student)`` with ``warnings`` (:func:`shared_id_warnings`), each also
+    logged; a violation raises :class:`DataContractError` listing every problem.
+    """
     problems: list[Problem] = []
     found = []
     try:
@@ -274,7 +341,19 @@ def check_pair(teacher_root: str | Path, student_root: str | Path) -> tuple[Moda
             problems.append(Problem(str(root), "-", "-", "readable", str(exc)))
     if problems:
         raise DataContractError(problems)
-    return tuple(found)
+    teacher, student = found
+    warnings = shared_id_warnings(teacher, student)
+    for warning in warnings:
+        _log.warning("%s", warning)
+    return CheckedPair(teacher, student, warnings)
 
 
-__all__ = ["ManifestSchema", "check_dataset", "check_pair", "finite_problems", "read_manifest"]
+__all__ = [
+    "CheckedPair",
+    "ManifestSchema",
+    "check_dataset",
+    "check_pair",
+    "finite_problems",
+    "read_manifest",
+    "shared_id_warnings",
+]

@@ -103,10 +103,14 @@ def _case(tmp_path, name):
     elif name == "empty_class_in_a_split":
         labels["split"] = ["train"] * 20 + ["val"] * 10 + ["test"] * 10
         labels["label"] = ["c0", "c1"] * 10 + ["c0"] * 10 + ["c0", "c1"] * 5
-        expected = "/out/manifest.csv"
+        # named in the user's table and its split column, not in the manifest it would write
+        expected = "labels.csv column=split row=- check=class_in_val: class 'c1' has no val row"
     elif name == "lengths":
         labels["length"] = 2
-        expected = "labels.csv column=length row=- check=frames: lengths sum to 80, 40 frames"
+        expected = (
+            "labels.csv column=length row=20 check=frames: lengths sum to 80 over 40 rows, "
+            "the array has 40 frames: row 20 (length 2) would span frames 40..42"
+        )
     elif name == "duplicate_id":
         labels["id"] = [f"s{i}" for i in range(39)] + ["s0"]
         expected = "labels.csv column=id row=39 check=unique: 's0'"

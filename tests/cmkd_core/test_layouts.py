@@ -179,6 +179,10 @@ def _break(kind: str, root: Path) -> tuple[str, str]:
     if kind == "short_row":
         (root / "train.csv").write_text("1000_IEO_NEU_HI\n")
         return "train.csv", "1 fields"
+    if kind == "no_test_clip":  # a class missing from test.csv: named there, not in a manifest
+        lines = (root / "test.csv").read_text().splitlines()
+        (root / "test.csv").write_text("\n".join(x for x in lines if not x.endswith(",ANG")))
+        return "test.csv", "column=label row=- check=class_in_test: class 'ANG' has no test clip"
     if kind == "corrupt_wav":
         victim = next((root / "audio").glob("*.wav"))
         victim.write_bytes(b"RIFF....WAVEjunk")
@@ -187,7 +191,16 @@ def _break(kind: str, root: Path) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize(
-    "damage", ["missing_wav", "empty_frames", "bad_label", "twice", "short_row", "corrupt_wav"]
+    "damage",
+    [
+        "missing_wav",
+        "empty_frames",
+        "bad_label",
+        "twice",
+        "short_row",
+        "no_test_clip",
+        "corrupt_wav",
+    ],
 )
 def test_a_broken_copy_is_refused_with_the_file_and_nothing_written(tmp_path, damage):
     _cremad(tmp_path / "src", per_class=3)
