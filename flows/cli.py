@@ -179,14 +179,12 @@ def _deploy(args: argparse.Namespace) -> int:
         threads = getattr(args, "threads", 0)
         student = OnnxStudent(args.model, args.card, threads=threads)
         if args.command == "serve":
-            import uvicorn
-
-            from cmkd_core.deploy.http import create_app
+            from cmkd_core.deploy.http import create_app, serve
 
             limits = Limits(max_batch=args.max_batch, max_length=args.max_length)
             app = create_app(student, limits, max_body_bytes=args.max_body_bytes)
             print(f"cmkd: serving {args.model} on http://{args.host}:{args.port}", flush=True)
-            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+            serve(app, args.host, args.port)  # with a header timeout: uvicorn has none
             return 0
         named = read_inputs(args.input, student)
         predictions = []

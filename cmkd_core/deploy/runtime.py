@@ -23,6 +23,7 @@ from cmkd_core.frontend import (
 )
 
 MEDIA = (".wav", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+MAX_RATE = 768_000  # Hz: resampling a WAV builds a filter as long as its rate ratio
 
 
 class InputError(ValueError):
@@ -143,8 +144,27 @@ class OnnxStudent:
                 raise InputError(f"{name}: shape {tuple(x.shape)}, expected {expected}")
             if self.is_sequence and x.shape[0] > limits.max_length:
                 raise InputError(f"{name}: {x.shape[0]} frames > max_length {limits.max_length}")
-            if not np.isfinite(x).all():
-                raise InputError(f"{name}: contains NaN or infinite values")
+            with np.errstate(over="ignore", invalid="ignore"):  # checked as the model sees it
+                finite = np.isfinite(x.astype(np.float32, copy=False)).all()
+            if not finite:
+                raise InputError(f"{name}: contains NaN or infinite values (as float32)")
+
+    def check_declared(self, shape: tuple[int, ...], limits: Limits, where: str) -> None:
+        """Raise :class:`InputError` unless an array of ``shape`` (as its header declares it,
+        before its data are read) is one sample or a batch within ``limits``."""
+        single = 2 if self.is_sequence else len(self.sample_shape)
+        if len(shape) not in (single, single + 1):
+            raise InputError(self._shape_error(shape, where))
+        batch = shape[0] if len(shape) == single + 1 else 1
+        if batch > limits.max_batch:
+            raise InputError(
+                f"{where}: declared shape {shape}: batch of {batch} > max_batch {limits.max_batch}"
+            )
+        if self.is_sequence and shape[-2] > limits.max_length:
+            raise InputError(
+                f"{where}: declared shape {shape}: {shape[-2]} frames > max_length "
+                f"{limits.max_length}"
+            )
 
     def logits(self, samples: list[np.ndarray]) -> np.ndarray:
         """Logits ``(B, C)`` for checked samples (see :meth:`check`)."""
@@ -168,6 +188,9 @@ class OnnxStudent:
         limits = limits or Limits(max_batch=max(1, len(samples)), max_length=1 << 31)
         self.check(samples, limits, where, names)
         logits = self.logits(samples).astype(np.float64)
+        for i in np.flatnonzero(~np.isfinite(logits).all(1))[:1]:  # never a NaN probability
+            name = names[i] if names is not None else f"{where}[{i}]"
+            raise InputError(f"{name}: the model's output is not finite (values too large?)")
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
         return [
@@ -179,9 +202,10 @@ class OnnxStudent:
             for p in probs
         ]
 
-    def media_input(self, data: bytes, where: str) -> np.ndarray:
+    def media_input(self, data: bytes, where: str, limits: Limits | None = None) -> np.ndarray:
         """The model's input for a WAV or image file, through the front end its card records
-        (the one its training data were imported with)."""
+        (the one its training data were imported with). With ``limits``, a WAV whose frames
+        would pass ``max_length`` is refused before they are computed."""
         spec = self.card.get("front_end")
         if not spec:
             raise InputError(
@@ -192,7 +216,18 @@ class OnnxStudent:
         try:
             if isinstance(front_end, ImageFrontEnd):
                 return front_end(data, where)
-            return front_end(*read_wav(data, where))
+            audio, rate = read_wav(data, where)
+        except (AudioError, ImageError) as exc:
+            raise InputError(str(exc)) from None
+        if not 0 < rate <= MAX_RATE:
+            raise InputError(f"{where}: sample rate {rate} Hz, expected 1 to {MAX_RATE}")
+        per_ms = front_end.sample_rate / 1000  # fewest frames the front end will make:
+        win, hop = round(front_end.win_ms * per_ms), round(front_end.hop_ms * per_ms)
+        frames = int((len(audio) * front_end.sample_rate / rate - win) / hop)
+        if limits is not None and frames > limits.max_length:
+            raise InputError(f"{where}: {frames} frames or more > max_length {limits.max_length}")
+        try:
+            return front_end(audio, rate)
         except (AudioError, ImageError) as exc:
             raise InputError(str(exc)) from None
 
@@ -203,11 +238,11 @@ class OnnxStudent:
             return [array]
         if array.ndim == single + 1:
             return list(array)
+        raise InputError(self._shape_error(array.shape, where))
+
+    def _shape_error(self, shape: tuple[int, ...], where: str) -> str:
         expected = ("T", *self.sample_shape) if self.is_sequence else self.sample_shape
-        raise InputError(
-            f"{where}: shape {tuple(array.shape)}, expected one sample {expected} "
-            "or a batch of them"
-        )
+        return f"{where}: shape {tuple(shape)}, expected one sample {expected} or a batch of them"
 
 
 def read_inputs(path: str | Path, student: OnnxStudent) -> list[tuple[str, np.ndarray]]:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -157,6 +158,22 @@ def test_server_answers_health_card_and_predict_like_the_cli(server, exported):
     assert one.json()["predictions"][0]["class"] == cli_classes[0]
 
 
+def _declared_npz(shape: tuple[int, ...], zeros: int = 0) -> bytes:
+    """A compressed npz whose ``x`` declares ``shape`` (float32) in its header and holds
+    ``zeros`` zero bytes (all of them for a zip bomb, none for a truncated array)."""
+    buffer = io.BytesIO()
+    with (
+        zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
+        archive.open("x.npy", "w", force_zip64=True) as member,
+    ):
+        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(member, header)
+        chunk = bytes(min(zeros, 16 << 20))
+        for start in range(0, zeros, len(chunk) or 1):
+            member.write(chunk[: zeros - start])
+    return buffer.getvalue()
+
+
 def _chunks():
     for _ in range(100):
         yield b"[" * 10_000
@@ -260,6 +277,22 @@ BAD = {
         },
         422,
         "body: shape (1, 2, 5, 13)",
+    ),
+    "float64 past float32's range": (
+        {
+            "content": _npy(np.full((5, 13), 1e300)),
+            "headers": {"content-type": "application/x-npy"},
+        },
+        422,
+        "inputs[0]: contains NaN or infinite",
+    ),
+    "npz declaring 40M frames": (
+        {
+            "content": _declared_npz((40_000_000, 13)),
+            "headers": {"content-type": "application/x-npz"},
+        },
+        413,
+        "x: declared shape (40000000, 13): 40000000 frames > max_length 300",
     ),
 }
 
@@ -393,3 +426,304 @@ def test_a_wav_goes_through_the_front_end_its_card_records(exported, tmp_path):
     )
     bad = client.post("/v1/predict", content=b"RIFFxxxx", headers={"content-type": "audio/wav"})
     assert bad.status_code == 422 and "not a readable WAV" in bad.json()["detail"]
+
+
+# Requests that would cost far more than their size, and slow clients: each is refused early,
+# the server's memory stays within a few bodies and /healthz keeps answering (docs/reliability.md).
+
+BODY_LIMIT = 8 << 20  # the default max_body_bytes, which the hardened server keeps
+MEMORY_BOUND = 3 * BODY_LIMIT  # the most one refused request may add to the server's RSS
+SLOW_S = 2.0  # header and body timeouts of the hardened server
+
+
+@pytest.fixture(scope="module")
+def hardened(exported):
+    """The app under :func:`serve` (header timeout, keep-alive) on a free loopback port: the
+    default body limit, max_batch 8, max_length 300, 2 s header and body timeouts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import sys\n"
+        "from cmkd_core.deploy import Limits, OnnxStudent\n"
+        "from cmkd_core.deploy.http import create_app, serve\n"
+        f"app = create_app(OnnxStudent(sys.argv[1]), Limits(8, 300), body_timeout_s={SLOW_S})\n"
+        f"serve(app, '127.0.0.1', int(sys.argv[2]), header_timeout_s={SLOW_S})\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(exported["model"]), str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        for _ in range(300):
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"server did not start: {process.stdout.read()}")
+        client.server_pid, client.port = process.pid, port
+        yield client
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _refused_while_watched(server, send, seconds: float = 1.0) -> tuple[list, float, float]:
+    """Send a bad request once to warm up, then again and again for ``seconds`` from a thread
+    while /healthz is asked every 20 ms: the responses, the slowest /healthz (s) and the growth
+    of the server's resident memory (bytes) over the run, peak included."""
+    import psutil
+
+    process = psutil.Process(server.server_pid)
+    send()  # first use: worker threads, imports
+    before = peak = process.memory_info().rss
+    deadline = time.monotonic() + seconds
+
+    def repeat() -> list:
+        responses = [send()]
+        while time.monotonic() < deadline:
+            responses.append(send())
+        return responses
+
+    slowest = 0.0
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.base_url, timeout=5) as probe:
+        future = pool.submit(repeat)
+        while True:
+            start = time.monotonic()
+            assert probe.get("/healthz").status_code == 200
+            slowest = max(slowest, time.monotonic() - start)
+            peak = max(peak, process.memory_info().rss)
+            if future.done():
+                break
+            time.sleep(0.02)
+        responses = future.result()
+    return responses, slowest, max(peak, process.memory_info().rss) - before
+
+
+def test_a_compressed_npz_declaring_millions_of_frames_is_refused_from_its_header(hardened):
+    """An npz of ~200 KB whose ``x`` inflates to 208 MB (4M frames): 413 naming ``x`` and its
+    declared shape, read from the .npy header before anything is decompressed."""
+    bomb = _declared_npz((4_000_000, 13), zeros=4_000_000 * 13 * 4)
+    assert len(bomb) < 1 << 20
+
+    def send() -> httpx.Response:
+        return hardened.post(
+            "/v1/predict", content=bomb, headers={"content-type": "application/x-npz"}
+        )
+
+    responses, slowest, growth = _refused_while_watched(hardened, send)
+    for response in responses:
+        assert response.status_code == 413
+        assert response.json()["detail"].startswith("x: declared shape (4000000, 13): 4000000")
+    assert slowest < 1.0
+    assert growth < MEMORY_BOUND, f"server RSS grew {growth / 2**20:.0f} MiB"
+
+
+def test_a_million_tiny_json_samples_are_counted_before_parsing(hardened):
+    """7 MB of JSON holding 1M one-number samples: 413 naming max_batch at once (its arrays are
+    counted before parsing, no sample becomes an array) while /healthz answers within 1 s."""
+    body = b'{"inputs": [' + b",".join([b"[[0]]"] * 1_000_000) + b"]}"
+    assert len(body) < BODY_LIMIT
+
+    def send() -> httpx.Response:
+        return hardened.post(
+            "/v1/predict", content=body, headers={"content-type": "application/json"}
+        )
+
+    responses, slowest, growth = _refused_while_watched(hardened, send)
+    for response in responses:
+        assert response.status_code == 413 and "max_batch 8" in response.json()["detail"]
+        assert response.elapsed.total_seconds() < 1.0
+    assert slowest < 1.0
+    assert growth < MEMORY_BOUND, f"server RSS grew {growth / 2**20:.0f} MiB"
+    # Nine samples get past the count and are refused by number, before any becomes an array.
+    nine = hardened.post("/v1/predict", json={"inputs": [[[0.0] * 13]] * 9})
+    assert nine.status_code == 413 and nine.json()["detail"] == "inputs: batch of 9 > max_batch 8"
+
+
+def _probabilities_are_finite(response: httpx.Response) -> bool:
+    for prediction in response.json()["predictions"]:
+        values = list(prediction["probabilities"].values())
+        if not all(isinstance(v, float | int) and np.isfinite(v) for v in values):
+            return False
+    return True
+
+
+def test_no_200_with_a_non_finite_probability(server, exported):
+    """float64 1e300 is infinite once cast to float32: 422 naming the sample. The largest
+    float32 values: 422, or 200 with finite probabilities, never a null one."""
+    good = exported["samples"][0].astype(np.float64)
+    batch = np.stack([good, np.full(good.shape, 1e300)])
+    huge = server.post(
+        "/v1/predict", content=_npy(batch), headers={"content-type": "application/x-npy"}
+    )
+    assert huge.status_code == 422 and huge.json()["detail"].startswith("inputs[1]: contains NaN")
+    for value in (3e38, -3e38, 1e30):
+        x = np.full((20, 13), value, np.float32)
+        response = server.post(
+            "/v1/predict", content=_npy(x), headers={"content-type": "application/x-npy"}
+        )
+        if response.status_code == 200:
+            assert _probabilities_are_finite(response), response.text
+        else:
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"].startswith("inputs[0]: ")
+    assert len(_good(server, exported)) == 4
+
+
+def test_non_finite_logits_are_refused_naming_the_sample(exported):
+    """Whatever the input, a non-finite logit is an InputError naming its sample, never a
+    prediction with NaN probabilities."""
+    from cmkd_core.deploy import InputError, OnnxStudent
+
+    student = OnnxStudent(exported["model"])
+    samples = exported["samples"][:3]
+    real = student.logits(samples)
+    student.logits = lambda s: np.where(np.arange(len(s))[:, None] == 2, np.inf, real)
+    with pytest.raises(InputError, match=r"^c\.npy: the model's output is not finite"):
+        student.predict(samples, names=["a.npy", "b.npy", "c.npy"])
+
+
+def test_npz_members_over_the_byte_bound_are_refused_from_their_header(exported):
+    """Where the limits allow long sequences, an array declaring more than 4x max_body_bytes is
+    refused (413, naming the member and its shape) before it is read; so is a ``lengths``
+    declaring another shape than one per sample (422)."""
+    from fastapi.testclient import TestClient
+
+    from cmkd_core.deploy import OnnxStudent
+    from cmkd_core.deploy.http import create_app
+
+    app = create_app(OnnxStudent(exported["model"]), Limits(8, 10**9), max_body_bytes=100_000)
+    client = TestClient(app)
+    npz = {"content-type": "application/x-npz"}
+    big = client.post("/v1/predict", content=_declared_npz((1, 10**6, 13)), headers=npz)
+    assert big.status_code == 413, big.text
+    assert big.json()["detail"].startswith("x: declared shape (1, 1000000, 13) of float32")
+    assert "max_body_bytes" in big.json()["detail"]
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((2, 10, 13), np.float32), lengths=np.ones(5_000_000, np.int8))
+    lengths = client.post("/v1/predict", content=buffer.getvalue(), headers=npz)
+    assert lengths.status_code == 413  # the body itself is over 100 kB
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, x=np.zeros((2, 10, 13), np.float32), lengths=np.ones(5_000_000, np.int8)
+    )
+    lengths = client.post("/v1/predict", content=buffer.getvalue(), headers=npz)
+    assert lengths.status_code == 422, lengths.text
+    assert lengths.json()["detail"].endswith("not declared shape (5000000,)")
+    many = io.BytesIO()
+    with zipfile.ZipFile(many, "w") as archive:
+        for i in range(20):
+            archive.writestr(f"m{i}.npy", b"")
+    members = client.post("/v1/predict", content=many.getvalue(), headers=npz)
+    assert members.status_code == 422 and "more than 16 members" in members.json()["detail"]
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (a 408 or 400 before closing counts as closed)."""
+    try:
+        data = sock.recv(4096)
+    except (BlockingIOError, TimeoutError):
+        return False
+    except OSError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 4")
+
+
+def test_connections_trickling_headers_are_closed_and_health_answers(hardened):
+    """50 connections sending a request's header lines one every 0.3 s, and one kept-alive
+    connection doing the same for its second request, are all closed by the server within the
+    2 s header timeout (plus 1.5 s), while /healthz answers within 1 s throughout."""
+    socks = []
+    try:
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", hardened.port), timeout=5)
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+            socks.append(sock)
+        kept = socket.create_connection(("127.0.0.1", hardened.port), timeout=5)
+        socks.append(kept)
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /healthz HTTP/1.1\r\n")
+        start = time.monotonic()
+        for sock in socks:
+            sock.setblocking(False)
+        open_socks, slowest = set(range(len(socks))), 0.0
+        while open_socks and time.monotonic() - start < SLOW_S + 1.5:
+            for i in list(open_socks):
+                try:
+                    socks[i].send(b"x-slow: 1\r\n")
+                except OSError:
+                    open_socks.discard(i)
+                    continue
+                if _closed(socks[i]):
+                    open_socks.discard(i)
+            asked = time.monotonic()
+            assert hardened.get("/healthz", timeout=5).status_code == 200
+            slowest = max(slowest, time.monotonic() - asked)
+            time.sleep(0.3)
+        assert not open_socks, f"{len(open_socks)} connections still open"
+        assert slowest < 1.0
+        assert time.monotonic() - start > SLOW_S - 1.0  # closed by the timeout, not at once
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_stalled_body_gets_408_and_endless_headers_431(hardened):
+    """A body that stops arriving: 408 after the body timeout. Headers past 64 KiB: 431."""
+    with socket.create_connection(("127.0.0.1", hardened.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"content-length: 1000\r\n\r\n{"
+        )
+        start = time.monotonic()
+        reply = sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in reply
+        assert SLOW_S - 0.5 < time.monotonic() - start < SLOW_S + 3
+    with socket.create_connection(("127.0.0.1", hardened.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nx-long: " + b"a" * (70 << 10))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 431")
+    assert hardened.get("/healthz").status_code == 200
+
+
+def test_a_wav_whose_rate_or_length_cannot_fit_is_refused_before_its_frames(exported, tmp_path):
+    """A WAV at 1 Hz would be resampled 8,000-fold: 413 naming max_length before any frame is
+    computed; a rate past 768 kHz: 422. A clip of exactly max_length frames still gets its 200."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from scipy.io import wavfile
+
+    from cmkd_core.deploy import OnnxStudent
+    from cmkd_core.deploy.http import create_app
+    from cmkd_core.frontend import AudioFrontEnd
+
+    model = tmp_path / "student.onnx"
+    shutil.copy(exported["model"], model)
+    front = AudioFrontEnd(sample_rate=8000, features="mfcc", n_mfcc=13)
+    card = {"classes": exported["classes"], "front_end": front.to_json()}
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    client = TestClient(create_app(OnnxStudent(model), Limits(8, 300)))
+    cases = [
+        (8000, 200 + 299 * 80, 200, "predictions"),  # 25 ms windows every 10 ms: 300 frames
+        (8000, 200 + 300 * 80, 413, "inputs[0]: 301 frames > max_length 300"),
+        (1, 100_000, 413, "frames or more > max_length 300"),
+        (10**6, 100_000, 422, "sample rate 1000000 Hz"),
+    ]
+    for rate, size, status, message in cases:
+        wav = io.BytesIO()
+        wavfile.write(wav, rate, np.zeros(size, np.int16))
+        start = time.monotonic()
+        reply = client.post(
+            "/v1/predict", content=wav.getvalue(), headers={"content-type": "audio/wav"}
+        )
+        assert reply.status_code == status and message in reply.text, reply.text
+        assert time.monotonic() - start < 2
