@@ -286,7 +286,9 @@ def _header_timeout_protocol(
                 self._refuse(b"408 Request Timeout")
 
         def data_received(self, data: bytes) -> None:
-            if self._timer is not None:
+            # the rest of a body whose response was sent early (a 413) is no header
+            body = self._previous is not None and self._previous is self.cycle
+            if self._timer is not None and not (body and self._previous.more_body):
                 self._header_bytes += len(data)
             super().data_received(data)
             if self._timer is None:
