@@ -155,18 +155,10 @@ def _users_text(layout: Layout, text: str) -> str:
 
 def _users_file(layout: Layout, problem: Problem) -> Problem:
     """``problem`` naming the imported file it was copied from, when the pair was imported."""
-    try:
-        params = load_params(layout.params).data
-    except ValueError:
+    file = _users_text(layout, problem.file)
+    if file == problem.file:
         return problem
-    if params.source != "import":
-        return problem
-    source = layout.root / params.import_dir
-    for role, prepared in (("teacher", layout.teacher_data), ("student", layout.student_data)):
-        if problem.file.startswith(str(prepared)):
-            file = str(source / role) + problem.file[len(str(prepared)) :]
-            return Problem(file, problem.column, problem.row, problem.check, problem.detail)
-    return problem
+    return Problem(file, problem.column, problem.row, problem.check, problem.detail)
 
 
 @task(name="validate-pair", cache_policy=NONE)

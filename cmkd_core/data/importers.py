@@ -223,6 +223,15 @@ def import_arrays(
     return out
 
 
+def _import_staged(arrays: Path, staged: Path, users: Path, out: Path, **settings: object) -> Path:
+    """:func:`import_arrays` of a front end's ``arrays`` and its ``staged`` copy of the user's
+    table; a refusal names the user's table ``users`` instead of that copy."""
+    try:
+        return import_arrays(arrays, staged, out, **settings)
+    except DataContractError as exc:
+        raise _naming(exc, staged, users) from None
+
+
 def _naming(exc: DataContractError, written: Path, users: Path) -> DataContractError:
     """``exc`` with the table a converter wrote (``written``) named as the user's ``users``,
     whose rows it keeps in order."""
@@ -283,22 +292,20 @@ def import_wav(
         raw.unlink()
         table = table.drop(columns="file").assign(length=lengths)
         table.to_csv(staging / "labels.csv", index=False)
-        try:
-            out = import_arrays(
-                frames_npy,
-                staging / "labels.csv",
-                out,
-                name=name,
-                modality="audio",
-                val_fraction=val_fraction,
-                test_fraction=test_fraction,
-                seed=seed,
-                labelled_per_class=labelled_per_class,
-                extra={"front_end": front_end.to_json()},
-                source=f"{folder} (WAV, {front_end.features})",
-            )
-        except DataContractError as exc:
-            raise _naming(exc, staging / "labels.csv", labels) from None
+        out = _import_staged(
+            frames_npy,
+            staging / "labels.csv",
+            labels,
+            out,
+            modality="audio",
+            source=f"{folder} (WAV, {front_end.features})",
+            name=name,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            labelled_per_class=labelled_per_class,
+            extra={"front_end": front_end.to_json()},
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -331,22 +338,20 @@ def import_images(
                 except ImageError as exc:
                     raise fail(path, "-", row, "image", str(exc)) from None
         table.drop(columns="file").to_csv(staging / "labels.csv", index=False)
-        try:
-            out = import_arrays(
-                staging / "images.npy",
-                staging / "labels.csv",
-                out,
-                name=name,
-                modality="image",
-                val_fraction=val_fraction,
-                test_fraction=test_fraction,
-                seed=seed,
-                labelled_per_class=labelled_per_class,
-                extra={"front_end": front_end.to_json()},
-                source=f"{folder} (images)",
-            )
-        except DataContractError as exc:
-            raise _naming(exc, staging / "labels.csv", labels) from None
+        out = _import_staged(
+            staging / "images.npy",
+            staging / "labels.csv",
+            labels,
+            out,
+            modality="image",
+            source=f"{folder} (images)",
+            name=name,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            labelled_per_class=labelled_per_class,
+            extra={"front_end": front_end.to_json()},
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
