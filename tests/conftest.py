@@ -97,6 +97,25 @@ def cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.Compl
     )
 
 
+def start_run(repo: Path, api_url: str) -> subprocess.Popen:
+    """``cmkd run`` in ``repo`` in the background, as a terminal's foreground job would run it
+    (its own process group, Ctrl-C's default action); output on pipes, text."""
+    import signal
+
+    from tasks.dvc import stage_environment
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=stage_environment(api_url),
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 def make_trained_project(root: Path, pair_root: Path, params: dict) -> Path:
     """A project at ``root`` with the default pair, ``params`` (a params.yaml mapping), and the
     validate and teacher stages run in this process (a Prefect API must be up)."""

@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cmkd, make_scratch_repo, process_gone
+from conftest import TINY, cmkd, make_scratch_repo, process_gone, start_run
 
 BUDGET = {**TINY, "distill": {**TINY["distill"], "epochs": 16}}
 PROGRESS_S = 300
@@ -51,18 +50,7 @@ def _interrupt_after(repo: Path, candidates: int) -> list[str]:
     return the names written by then."""
     from prefect.settings import PREFECT_API_URL
 
-    from tasks.dvc import stage_environment
-
-    run = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run"],
-        cwd=repo,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=stage_environment(PREFECT_API_URL.value()),
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    run = start_run(repo, PREFECT_API_URL.value())
     histories = repo / "data" / "distill"
     seen, last_change = _progress(repo), time.monotonic()
     try:

@@ -71,27 +71,14 @@ def test_ctrl_c_stops_the_run_at_once_with_status_130_and_a_later_run_finishes(
     tmp_path, fsdd_wheel, prefect_harness
 ):
     import signal
-    import subprocess
-    import sys
 
     import psutil
-    from conftest import TINY, process_gone
+    from conftest import TINY, process_gone, start_run
     from prefect.settings import PREFECT_API_URL
-
-    from tasks.dvc import stage_environment
 
     budget = {**TINY, "distill": {**TINY["distill"], "epochs": 120, "method": "ce"}}
     repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel, budget)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run"],
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=stage_environment(PREFECT_API_URL.value()),
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    run = start_run(repo, PREFECT_API_URL.value())
     checkpoint = repo / ".cmkd" / "checkpoints" / "distill-ce.pt"
     while run.poll() is None and _epoch(checkpoint) < 40:  # a third of the way into distill
         time.sleep(0.1)
