@@ -112,7 +112,6 @@ def run_stage(name: str, root: Path, traceback: bool = True) -> int:
     from cmkd_core.data import DataContractError, write_text_atomic
 
     marker = Layout(Path(root)).unfinished(name)
-    marker.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, f"{os.getpid()}\n")
     try:
         STAGES[name](root=str(root))
