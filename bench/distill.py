@@ -142,7 +142,10 @@ def setup(device: str):
     (from the benchmark's cache, or trained once and cached)."""
     params = load_params(ROOT / "params.yaml")
     distill = params.distill.model_copy(update={"device": device})
-    teacher_ds, student = load_pair("digits->fsdd", ROOT / params.data.fsdd_wheel)
+    teacher_ds, student = load_pair(
+        "digits->fsdd",
+        params.data.model_copy(update={"recordings": str(ROOT / params.data.recordings)}),
+    )
     teacher = params.teacher.model_copy(update={"device": "cpu"})
     cache, key = FileBankCache(ROOT / ".cmkd" / "bench" / "banks"), teacher_key(teacher_ds, teacher)
     hit = cache.get(key, "digits")

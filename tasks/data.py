@@ -19,7 +19,8 @@ from cmkd_core.data.contract import (
     Problem,
     read_dataset,
 )
-from cmkd_core.data.defaults import audio_dataset, image_dataset, labelled_subset
+from cmkd_core.data.defaults import image_dataset, labelled_subset
+from cmkd_core.data.fsdd import default_student
 from tasks.layout import Layout
 
 
@@ -30,16 +31,18 @@ def write_json(path, payload: dict) -> None:
 
 @task(name="materialise-default-pair", cache_policy=NONE, retries=1)
 def materialise_default_pair(layout: Layout, params: DataParams) -> dict[str, int]:
-    """Write the embedded default pair (digit images -> spoken digits) in contract form."""
+    """Write the embedded default pair (digit images -> spoken-digit recordings through the
+    front end of ``params``, split by speaker) in contract form."""
     meta, manifest, arrays = image_dataset(params.val_fraction, params.test_fraction, params.seed)
     write_dataset(layout.teacher_data, meta, manifest, arrays)
     teacher_samples = len(manifest)
-    meta, manifest, arrays, labelled = audio_dataset(
-        layout.root / params.fsdd_wheel,
-        params.val_fraction,
-        params.test_fraction,
+    meta, manifest, arrays, labelled = default_student(
+        layout.root / params.recordings,
+        params.front_end,
         params.seed,
         params.labelled_per_class,
+        params.val_speaker,
+        params.test_speaker,
     )
     write_dataset(layout.student_data, meta, manifest, arrays, labelled)
     counts = {

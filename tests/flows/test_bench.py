@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from cmkd_core.config import DistillParams, TeacherParams
-from flows.bench import _same_settings
+from cmkd_core.config import DataParams, DistillParams, TeacherParams
+from flows.bench import STUDENT_DATA, _same_settings
 from flows.cli import main
 
 
@@ -27,9 +27,9 @@ def _bench(root, *extra: str) -> dict:
     return json.loads((root / "out" / "t.json").read_text())
 
 
-def _params(root: Path, tiny_params, fsdd_wheel, **distill) -> None:
+def _params(root: Path, tiny_params, recordings, **distill) -> None:
     params = tiny_params.model_dump(mode="json")
-    params["data"]["fsdd_wheel"] = str(fsdd_wheel)  # outside root's data/, on purpose
+    params["data"]["recordings"] = str(recordings)  # outside root's data/, on purpose
     params["allow_paths_outside_data"] = True
     params["distill"].update(distill)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -40,9 +40,9 @@ def _without_seconds(runs: list[dict]) -> list[dict]:
 
 
 def test_bench_runs_on_dask_workers_then_resumes_without_training_again(
-    tmp_path, fsdd_wheel, tiny_params, prefect_harness
+    tmp_path, recordings, tiny_params, prefect_harness
 ):
-    _params(tmp_path, tiny_params, fsdd_wheel)
+    _params(tmp_path, tiny_params, recordings)
 
     first = _bench(tmp_path)
     keys = [(r["seed"], r["method"], r["control"]) for r in first["runs"]]
@@ -104,6 +104,7 @@ def test_runs_made_before_a_param_existed_count_as_made_with_its_default():
     now = {
         "distill": DistillParams().model_dump(mode="json", exclude={"threads"}),
         "teacher": TeacherParams().model_dump(mode="json", exclude={"threads"}),
+        "data": DataParams().model_dump(mode="json", include=STUDENT_DATA),
     }
     older = copy.deepcopy(now)
     del older["distill"]["ssl"]["center"], older["distill"]["min_steps"]
@@ -114,14 +115,29 @@ def test_runs_made_before_a_param_existed_count_as_made_with_its_default():
     assert not _same_settings({}, now)
 
 
+def test_spoken_digit_runs_count_only_when_made_from_the_same_recordings_and_front_end():
+    now = {
+        "distill": DistillParams().model_dump(mode="json", exclude={"threads"}),
+        "teacher": TeacherParams().model_dump(mode="json", exclude={"threads"}),
+        "data": DataParams().model_dump(mode="json", include=STUDENT_DATA),
+    }
+    sequentia = {k: v for k, v in now.items() if k != "data"}  # before the recordings
+    assert not _same_settings(sequentia, now, "digits->fsdd")
+    assert _same_settings(sequentia, now, "mnist->mnist8x8")  # its data did not change
+    other = copy.deepcopy(now)
+    other["data"]["front_end"]["features"] = "logmel"
+    assert not _same_settings(other, now, "digits->fsdd")
+    assert _same_settings(copy.deepcopy(now), now, "digits->fsdd")
+
+
 def test_a_pair_whose_optional_parts_are_missing_is_skipped_with_its_reason(
-    tmp_path, monkeypatch, capsys, fsdd_wheel, tiny_params
+    tmp_path, monkeypatch, capsys, recordings, tiny_params
 ):  # (no flow starts, so no Prefect API is needed)
     import cmkd_core.data.fashion as fashion
 
     monkeypatch.setattr(fashion, "FOLDER", tmp_path / "no-fashion-here")
     params = tiny_params.model_dump(mode="json")
-    params["data"]["fsdd_wheel"] = str(fsdd_wheel)
+    params["data"]["recordings"] = str(recordings)
     params["allow_paths_outside_data"] = True
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     argv = ["bench", "--root", str(tmp_path), "--pairs", "text->fashion", "--methods", "ce"]
@@ -154,11 +170,11 @@ def _worker_pids(parent: int) -> list[int]:
 
 
 def test_a_worker_killed_mid_grid_the_grid_still_completes_each_run_recorded_once(
-    tmp_path, fsdd_wheel, tiny_params, prefect_harness
+    tmp_path, recordings, tiny_params, prefect_harness
 ):
     from prefect.settings import PREFECT_API_URL
 
-    _params(tmp_path, tiny_params, fsdd_wheel, epochs=12)
+    _params(tmp_path, tiny_params, recordings, epochs=12)
     argv = ["bench", "--root", str(tmp_path), "--pairs", "digits->fsdd", "--methods", "ce", "la"]
     argv += ["--budgets", "5", "--seeds", "4", "--jobs", "2", "--out", str(tmp_path / "out")]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}

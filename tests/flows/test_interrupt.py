@@ -29,10 +29,10 @@ def _results(repo: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, fsdd_wheel, prefect_harness) -> dict:
+def reference(tmp_path_factory, recordings, prefect_harness) -> dict:
     from prefect.settings import PREFECT_API_URL
 
-    repo = make_scratch_repo(tmp_path_factory.mktemp("uninterrupted"), fsdd_wheel, BUDGET)
+    repo = make_scratch_repo(tmp_path_factory.mktemp("uninterrupted"), recordings, BUDGET)
     done = cmkd(repo, "run", api_url=PREFECT_API_URL.value())
     assert done.returncode == 0, done.stdout + done.stderr
     return _results(repo)
@@ -74,13 +74,13 @@ def _interrupt_after(repo: Path, candidates: int) -> list[str]:
 
 @pytest.mark.parametrize("then", ["cmkd run", "dvc repro"])
 def test_a_run_interrupted_after_some_candidates_finishes_next_time_the_same(
-    tmp_path, fsdd_wheel, prefect_harness, reference, then
+    tmp_path, recordings, prefect_harness, reference, then
 ):
     from prefect.settings import PREFECT_API_URL
 
     from tasks.dvc import stage_environment
 
-    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel, BUDGET)
+    repo = make_scratch_repo(tmp_path / "repo", recordings, BUDGET)
     written = _interrupt_after(repo, 2)
     assert 2 <= len(written) < 4, written  # some of auto's four candidates, not all
     assert (repo / ".cmkd" / "unfinished" / "distill").exists()

@@ -115,8 +115,8 @@ def test_a_new_projects_server_starts_from_the_first_ones_migrated_database(tmp_
             stop_server(home)
 
 
-def test_a_bare_dvc_repro_starts_one_server_for_all_its_stages(tmp_path, fsdd_wheel):
-    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel)
+def test_a_bare_dvc_repro_starts_one_server_for_all_its_stages(tmp_path, recordings):
+    repo = make_scratch_repo(tmp_path / "repo", recordings)
     home = repo / ".cmkd" / "prefect"
     env = _env(home, idle=30)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])

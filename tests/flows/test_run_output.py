@@ -22,11 +22,11 @@ def _arrays(folder: Path, name: str, classes: tuple[str, ...]) -> None:
 
 
 def test_a_class_only_the_student_has_exits_2_naming_it_and_the_users_file(
-    tmp_path, fsdd_wheel, prefect_harness
+    tmp_path, recordings, prefect_harness
 ):
     from prefect.settings import PREFECT_API_URL
 
-    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel)
+    repo = make_scratch_repo(tmp_path / "repo", recordings)
     mine = tmp_path / "mine"
     mine.mkdir()
     _arrays(mine, "teacher", ("bag", "coat"))
@@ -68,7 +68,7 @@ def _epoch(checkpoint: Path) -> int:
 
 
 def test_ctrl_c_stops_the_run_at_once_with_status_130_and_a_later_run_finishes(
-    tmp_path, fsdd_wheel, prefect_harness
+    tmp_path, recordings, prefect_harness
 ):
     import signal
 
@@ -77,7 +77,7 @@ def test_ctrl_c_stops_the_run_at_once_with_status_130_and_a_later_run_finishes(
     from prefect.settings import PREFECT_API_URL
 
     budget = {**TINY, "distill": {**TINY["distill"], "epochs": 120, "method": "ce"}}
-    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel, budget)
+    repo = make_scratch_repo(tmp_path / "repo", recordings, budget)
     run = start_run(repo, PREFECT_API_URL.value())
     checkpoint = repo / ".cmkd" / "checkpoints" / "distill-ce.pt"
     while run.poll() is None and _epoch(checkpoint) < 40:  # a third of the way into distill

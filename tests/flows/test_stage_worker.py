@@ -31,11 +31,11 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_later_stages_run_in_the_worker_die_with_their_command_and_other_settings_are_declined(
-    tmp_path, fsdd_wheel, prefect_harness
+    tmp_path, recordings, prefect_harness
 ):
     from prefect.settings import PREFECT_API_URL
 
-    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel)
+    repo = make_scratch_repo(tmp_path / "repo", recordings)
     env = stage_environment(PREFECT_API_URL.value())
     env.update({"CMKD_STAGE_WORKER": "1", "CMKD_STAGE_WORKER_IDLE_SECONDS": "120"})
     log = repo / ".cmkd" / "stage-worker.log"

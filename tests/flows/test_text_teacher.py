@@ -61,11 +61,11 @@ def _cmkd(repo: Path, *args: str, api_url: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_texts_and_a_folder_of_images_to_an_exported_student(tmp_path, fsdd_wheel, prefect_harness):
+def test_texts_and_a_folder_of_images_to_an_exported_student(tmp_path, recordings, prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
-    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel, TINY)
+    repo = make_scratch_repo(tmp_path / "repo", recordings, TINY)
     mine = tmp_path / "mine"
     mine.mkdir()
     _images(mine / "images")

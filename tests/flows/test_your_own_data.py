@@ -60,11 +60,11 @@ def _cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.Comp
 
 
 def test_wav_folder_and_teacher_onnx_to_an_exported_student(
-    tmp_path, fsdd_wheel, prefect_harness, export_teacher_onnx, tiny_params
+    tmp_path, recordings, prefect_harness, export_teacher_onnx, tiny_params
 ):
     from prefect.settings import PREFECT_API_URL
 
-    repo = make_scratch_repo(tmp_path / "repo", fsdd_wheel)  # as a fresh clone would be
+    repo = make_scratch_repo(tmp_path / "repo", recordings)  # as a fresh clone would be
     mine = tmp_path / "mine"
     mine.mkdir()
     _teacher_files(mine)

@@ -65,12 +65,12 @@ def test_permission_denied_on_an_input_fails_validate_naming_the_file(project, m
     real_load = np.load
 
     def refuse(path, *args, **kwargs):
-        if str(path).endswith("mfcc.npy"):
+        if str(path).endswith("frames.npy"):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(contract.np, "load", refuse)
-    with pytest.raises(DataContractError, match=r"mfcc\.npy.*Permission denied"):
+    with pytest.raises(DataContractError, match=r"frames\.npy.*Permission denied"):
         validate(root=str(project))
     assert report.read_bytes() == before
 

@@ -47,7 +47,7 @@ def test_default_pair_passes_and_the_report_is_written(pair_root, tmp_path):
     assert x.shape[2] == 13 and lengths.min() >= 6 and lengths.max() <= 92
     _copy(pair_root, tmp_path)
     report = validate_pair.fn(Layout(tmp_path / "project"))
-    assert report["student"]["samples"] == {"train": 1800, "val": 600, "test": 600}
+    assert report["student"]["samples"] == {"train": 2000, "val": 500, "test": 500}
     assert report["teacher"]["samples"]["train"] + report["teacher"]["samples"]["test"] > 1000
     assert json.loads((tmp_path / "project/data/validated/report.json").read_text()) == report
 
@@ -63,7 +63,7 @@ BAD_CASES = {
     # name: (side, mutation, expected fragment of the message)
     "nan_in_array": (
         "student",
-        lambda s: _edit_array(s, "mfcc.npy", lambda a: _poison(a, np.nan)),
+        lambda s: _edit_array(s, "frames.npy", lambda a: _poison(a, np.nan)),
         r"row=0 check=finite",
     ),
     "inf_in_array": (
@@ -78,8 +78,8 @@ BAD_CASES = {
     ),
     "wrong_sample_shape": (
         "student",
-        lambda s: _edit_array(s, "mfcc.npy", lambda a: a[:, :12]),
-        r"mfcc.npy .*check=sample_shape",
+        lambda s: _edit_array(s, "frames.npy", lambda a: a[:, :12]),
+        r"frames.npy .*check=sample_shape",
     ),
     "label_outside_class_list": (
         "student",
@@ -123,8 +123,8 @@ BAD_CASES = {
     ),
     "array_file_missing": (
         "student",
-        lambda s: (s / "mfcc.npy").unlink(),
-        r"mfcc.npy column=file row=0 check=loadable_npy",
+        lambda s: (s / "frames.npy").unlink(),
+        r"frames.npy column=file row=0 check=loadable_npy",
     ),
     "truncated_npy": (
         "teacher",
