@@ -10,10 +10,14 @@ cmkd import-layout KIND SRC OUT   teacher + student datasets from CREMA-D, AVE, 
 cmkd predict M INPUT  classes of .npy (or .wav) inputs with an exported student (onnxruntime)
 cmkd serve M          an HTTP server for an exported student on 127.0.0.1
 cmkd seeds            several seeds of the distill stage at once on a Dask cluster
-cmkd server           a local Prefect server (SQLite in .cmkd/prefect) on 127.0.0.1:4200;
+cmkd server           a local Prefect server and its dashboard (SQLite in .cmkd/prefect) on
+                      http://127.0.0.1:4200;
                       --stop: stop the background one that cmkd run and cmkd stage share
 cmkd deploy           the work pool and the nightly deployment of prefect.yaml (--serve: one
                       process instead); cmkd worker: a process worker that runs it here
+
+Outside a project (no dvc.yaml in --root) the commands that work on one stop at once with
+exit status 2 (flows/project.py); predict, serve, import and import-layout work anywhere.
 """
 
 from __future__ import annotations
@@ -146,9 +150,10 @@ def _run_flow(function, meanwhile: tuple[str, ...] = (), **kwargs):
         import logging
 
         logging.getLogger("cmkd").info(
-            "Prefect API: the project's local server at %s (%s)",
+            "Prefect API: the project's local server at %s (%s); its dashboard: %s",
             url,
             "started now" if started else "already running",
+            url.removesuffix("/api"),
         )
     with temporary_settings(updates):
         return function(**kwargs)
@@ -170,6 +175,22 @@ def _student_geometry(layout, bank) -> dict | None:
     except ValueError:
         return None
     return class_geometry(model, bank, dataset)
+
+
+PREDICT_HEADER = "input\tclass\tp(class)\tprobabilities"
+"""The first line of ``cmkd predict``'s table: its tab-separated columns."""
+
+
+def _warn_unusual(student, named: list, predictions: list) -> None:
+    """One warning line on stderr per input unlike the training data (its card's check)."""
+    for (name, _), p in zip(named, predictions, strict=True):
+        if p.unusual is not None:
+            limit = student.card["input_check"]["threshold"]
+            print(
+                f"cmkd: warning: {name}: unlike the training data (distance {p.unusual:.2f} > "
+                f"{limit:.2f}, cmkd_core/deploy/novelty.py): its class may be wrong",
+                file=sys.stderr,
+            )
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -199,10 +220,12 @@ def _deploy(args: argparse.Namespace) -> int:
             pairs = zip(named, predictions, strict=True)
             print(json.dumps([{"input": n, **p.as_json()} for (n, _), p in pairs], indent=1))
         else:
+            print(PREDICT_HEADER)
             for (name, _), p in zip(named, predictions, strict=True):
                 probs = " ".join(f"{c}:{v:.3f}" for c, v in p.probabilities.items())
                 print(f"{name}\t{p.label}\t{p.probabilities[p.label]:.3f}\t{probs}")
         sys.stdout.flush()
+        _warn_unusual(student, named, predictions)
     except BrokenPipeError:  # the reader left (``| head``): stop quietly, as cat or grep do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
@@ -309,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds.add_argument("--methods", nargs="+", default=[], help="default: distill.method and ce")
     seeds.add_argument("--workers", type=int, default=2, help="local cluster: processes")
     seeds.add_argument("--address", help="an existing Dask scheduler, e.g. tcp://host:8786")
-    server = sub.add_parser("server", help="a local Prefect server (foreground)")
+    server = sub.add_parser("server", help="a local Prefect server and dashboard (foreground)")
     server.add_argument(
         "--stop",
         action="store_true",
@@ -336,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    from flows.project import refuse_outside_project
+
+    refused = refuse_outside_project(args)  # before any server, import or file
+    if refused is not None:
+        return refused
     if args.command in ("predict", "serve"):
         return _deploy(args)  # onnxruntime only: no torch, Prefect or DVC imported
     if args.command == "stage":  # under `cmkd run`, the pipeline's process runs the stage

@@ -65,6 +65,11 @@ def api_url(port: int) -> str:
     return f"http://{HOST}:{port}/api"
 
 
+def dashboard_url(port: int) -> str:
+    """The address of the Prefect dashboard (UI) of a local server on ``port``."""
+    return f"http://{HOST}:{port}"
+
+
 def server_env(home: Path, port: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a local server on 127.0.0.1:``port`` and for everything that talks
     to it (CLI, worker, flow runs): ``PREFECT_HOME`` = ``home``, SQLite in it unless a database
@@ -337,7 +342,13 @@ def command(action: str, root: Path, port: int, serve_here: bool = False) -> int
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if action == "server":  # becomes the server process: a signal to it stops the server
         command = _prefect("server", "start", "--host", HOST, "--port", str(port))
-        os.execve(sys.executable, [*command, "--analytics-off", "--no-ui"], env)
+        env["PREFECT_SERVER_UI_ENABLED"] = "true"  # the dashboard at dashboard_url(port)
+        print(
+            f"cmkd: Prefect server for {root}: dashboard at {dashboard_url(port)}, "
+            f"API at {api_url(port)}",
+            flush=True,  # before exec replaces this process and its buffers
+        )
+        os.execve(sys.executable, [*command, "--analytics-off", "--ui"], env)
     if not healthy(env["PREFECT_API_URL"]):
         print(
             f"cmkd: no Prefect server answers at {env['PREFECT_API_URL']}; start one with "
@@ -356,11 +367,17 @@ def command(action: str, root: Path, port: int, serve_here: bool = False) -> int
     created = ensure_pool(POOL, url=env["PREFECT_API_URL"])
     print(f"cmkd: work pool {POOL!r} {'created' if created else 'exists'}")
     print(deploy(root, env=env), end="")
-    print(
-        f"cmkd: start a worker with `cmkd worker --port {port}`; a run now: "
-        f"`prefect deployment run {DEPLOYMENT}`"
-    )
+    print(deploy_hint(port))
     return 0
+
+
+def deploy_hint(port: int) -> str:
+    """What ``cmkd deploy`` says to do next: start a worker, and trigger a run now with a
+    ``prefect`` command that reaches the server on ``port`` whatever the shell's settings."""
+    return (
+        f"cmkd: start a worker with `cmkd worker --port {port}`; a run now: "
+        f"`PREFECT_API_URL={api_url(port)} prefect deployment run {DEPLOYMENT}`"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

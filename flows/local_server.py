@@ -4,10 +4,11 @@ Without ``PREFECT_API_URL``, Prefect starts a temporary server in every process 
 flow, and stops it at exit: several seconds each time, once per stage under a bare ``dvc
 repro``. ``cmkd run`` and ``cmkd stage`` instead use one server per ``PREFECT_HOME`` (the
 project's ``.cmkd/prefect``): the first command that needs it starts it in the background
-(no UI, no background services, as Prefect's temporary server; state in the same SQLite
-file), the next ones find it through ``local-server.json`` and reuse it. Each command holds a
-lease (``leases/PID``) while it runs; the server exits by itself once no lease has been held
-for ``CMKD_SERVER_IDLE_SECONDS`` (default 600). ``cmkd server --stop`` stops it now; with
+(the services of Prefect's temporary server, no scheduler, and the dashboard, which the runs'
+"View at" links and the run's log point to; state in the same SQLite file), the next ones
+find it through ``local-server.json`` and reuse it. Each command holds a lease
+(``leases/PID``) while it runs; the server exits by itself once no lease has been held for
+``CMKD_SERVER_IDLE_SECONDS`` (default 600). ``cmkd server --stop`` stops it now; with
 ``PREFECT_API_URL`` set (a server of your own, ``cmkd server``, Prefect Cloud) none is started.
 
 The server is ``python -m flows.local_server --port P`` with its output in
@@ -38,9 +39,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tasks  # noqa: F401  (Prefect's offline defaults, before Prefect is imported)
 from flows.deploy import HOST, _tail, api_url, healthy, server_env
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 IDLE_SECONDS = 600.0
 INFO = "local-server.json"
@@ -168,7 +173,9 @@ def _ensure(home: Path, timeout: float) -> tuple[str, bool]:
         port = _free_port()
         log = home / "local-server.log"
         env = server_env(home, port)
-        env.update({"PREFECT_UI_ENABLED": "0", "CMKD_SERVER_IDLE_SECONDS": str(idle_seconds())})
+        env.update(
+            {"PREFECT_SERVER_UI_ENABLED": "true", "CMKD_SERVER_IDLE_SECONDS": str(idle_seconds())}
+        )
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flows.local_server", "--port", str(port)],
@@ -312,14 +319,22 @@ def prepare_database() -> tuple[str, bool]:
     return f"database: migrated, template kept at {template}", True
 
 
+def with_dashboard(app: FastAPI, ui: FastAPI) -> None:
+    """Serve ``ui`` (Prefect's dashboard app) at ``/`` of ``app`` in place of the empty one that
+    an ephemeral server mounts there, so that the "View at ..." links of the runs' logs and
+    the address the run log names lead to the dashboard while the server lives."""
+    app.router.routes = [r for r in app.router.routes if getattr(r, "name", None) != "ui"]
+    app.mount("/", app=ui, name="ui")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server in this process (what :func:`ensure_server` starts)."""
     parser = argparse.ArgumentParser(prog="python -m flows.local_server")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    os.environ["PREFECT__SERVER_EPHEMERAL"] = "1"  # no UI, no background services
+    os.environ["PREFECT__SERVER_EPHEMERAL"] = "1"  # a temporary server's services only
     import uvicorn
-    from prefect.server.api.server import create_app
+    from prefect.server.api.server import create_app, create_ui_app
     from prefect.settings import (
         PREFECT_API_BLOCKS_REGISTER_ON_START,
         PREFECT_API_DATABASE_MIGRATE_ON_START,
@@ -328,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
     said, ready = prepare_database()
     print(said, flush=True)
-    app = create_app(ephemeral=True, final=True)
+    app = create_app(ephemeral=True, final=True)  # the temporary server's services only
+    with_dashboard(app, create_ui_app(ephemeral=False))
     server = uvicorn.Server(
         uvicorn.Config(app, host=HOST, port=args.port, log_level="error", lifespan="on")
     )

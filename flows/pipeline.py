@@ -11,9 +11,11 @@ The flow is what ``cmkd run`` and the scheduled deployment (``prefect.yaml``) ru
    (tasks/stage_host.py), so torch and Prefect are imported once per run, not per stage;
 4. ``dvc push`` of the new artifacts;
 5. a run record, ``.cmkd/runs/<time>-<flow run name>.json``: what was stale, what ran, what
-   DVC restored from its run cache, whether it pushed, the ``dvc.lock`` digest (``dvc.lock``
-   itself is DVC's record of how each output was made), and the process's wall seconds
-   split into training, parity runs and overhead (tasks/timing.py), also in the run's log.
+   DVC restored from its run cache, which training runs resumed from a checkpoint and at
+   which epoch (tasks/resumed.py; the stage's line says it too), whether it pushed, the
+   ``dvc.lock`` digest (``dvc.lock`` itself is DVC's record of how each output was made), and
+   the process's wall seconds split into training, parity runs and overhead
+   (tasks/timing.py), also in the run's log.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cmkd_core.data import write_text_atomic
 from flows.stages import STAGES, run_stage
 from tasks.dvc import clear_unfinished, pull, push, reproduce_stage, stale_stages
 from tasks.layout import Layout
+from tasks.resumed import clear_note, read_note
 from tasks.stage_host import hosting
 from tasks.timing import report
 
@@ -82,6 +85,30 @@ def headline(stage: str, root: Path) -> str:
     return ""
 
 
+def resumed_text(note: dict[str, dict[str, int]]) -> str:
+    """Which training runs of a stage resumed from a checkpoint (``note``, tasks/resumed.py),
+    for the stage's line: ``resumed ce from epoch 7``, or ``resumed ce (finished before), joint
+    from epoch 3``; ``""`` when none did."""
+    parts = [
+        f"{run} (finished before)"
+        if entry["from_epoch"] > entry["epochs"]
+        else f"{run} from epoch {entry['from_epoch']}"
+        for run, entry in note.items()
+    ]
+    return f"resumed {', '.join(parts)}" if parts else ""
+
+
+def stage_line(stage: str, outcome: str, seconds: float, root: Path) -> str:
+    """A stage's line in ``cmkd run``'s output: name, outcome, seconds, its headline and, for a
+    stage that ran, which of its training runs resumed from a checkpoint."""
+    said = [headline(stage, root)]
+    if outcome == "ran":
+        said.append(resumed_text(read_note(root, stage)))
+    shown = {"skipped": "up to date"}.get(outcome, outcome)
+    line = f"{stage:<9} {shown:<10} {seconds:6.1f} s  {'; '.join(s for s in said if s)}"
+    return line.rstrip()
+
+
 def _record(root: Path, record: dict) -> Path:
     """Write the run record under ``root/.cmkd/runs`` (atomically) and return its path."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -110,14 +137,16 @@ def pipeline(root: str = ".") -> dict:
         with hosting(root_path, run_stage) as host:
             for stage in STAGES:
                 start = time.perf_counter()
+                clear_note(root_path, stage)  # what a run of the stage resumes: this run's
                 outcome = reproduce_stage(stage, root_path, api_url, run, host)
                 seconds = time.perf_counter() - start
                 if outcome != "skipped":
                     record[outcome].append(stage)
+                if outcome == "ran" and (note := read_note(root_path, stage)):
+                    record.setdefault("resumed", {})[stage] = note
                 record.setdefault("seconds", {})[stage] = round(seconds, 2)
-                outcome = {"skipped": "up to date"}.get(outcome, outcome)
-                line = f"{stage:<9} {outcome:<10} {seconds:6.1f} s  {headline(stage, root_path)}"
-                logger.info("%s", line.rstrip(), extra={"cmkd_line": True})
+                line = stage_line(stage, outcome, seconds, root_path)
+                logger.info("%s", line, extra={"cmkd_line": True})
         record["pushed"] = push(root_path)
     else:
         logger.info("nothing to do: every stage is up to date")

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -103,8 +105,83 @@ def _confusion(y_true, y_pred, classes: list[str], method: str, plots: Path) -> 
     return fig
 
 
-def _feature_map(bank, dataset, models: dict, plots: Path, per_class: int = 60) -> None:
-    """Bank rows and each student's projected validation features in one 2-D PCA frame."""
+FEATURE_MAP_DPI = 110
+PANEL_INCHES = (4.6, 4.4)
+"""Width and height of one panel of ``features_2d.png``; a column of the class legend adds
+:data:`LEGEND_INCHES` to the width."""
+LEGEND_INCHES = 1.4
+
+
+def _class_colours(n: int) -> list:
+    """``n`` distinguishable colours, one per class."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(k) for k in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(k) for k in range(n)]
+    return [plt.get_cmap("turbo")(k / (n - 1)) for k in range(n)]
+
+
+def feature_map_figure(
+    clouds: dict[str, tuple[np.ndarray, np.ndarray]],
+    classes: list[str],
+    titles: dict[str, str] | None = None,
+) -> plt.Figure:
+    """The figure of ``features_2d.png``: one panel per cloud of ``clouds`` (name -> points
+    ``(n, 2)`` in the shared PCA frame and class indices ``(n,)``; ``teacher`` is the bank),
+    each scaled to its own points, so that a student whose projected features lie in a small
+    corner of the teacher's range is as legible as the teacher; the ticks give each panel's
+    scale. Points are coloured by class, with one legend of every class name beside the
+    panels; ``titles`` names the panels (default: the cloud names)."""
+    titles = titles or {}
+    colours = np.array(_class_colours(len(classes)))
+    columns = 1 + (len(classes) - 1) // 25
+    width = PANEL_INCHES[0] * len(clouds) + LEGEND_INCHES * columns
+    fig, axes = plt.subplots(
+        1,
+        len(clouds),
+        figsize=(width, PANEL_INCHES[1]),
+        dpi=FEATURE_MAP_DPI,
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, (name, (points, labels)) in zip(axes[0], clouds.items(), strict=True):
+        teacher = name == "teacher"
+        ax.scatter(
+            points[:, 0],
+            points[:, 1],
+            c=colours[np.asarray(labels, dtype=int)],
+            s=12 if teacher else 16,
+            marker="o" if teacher else "x",
+            alpha=0.6 if teacher else 0.85,
+            linewidths=0 if teacher else 0.9,
+        )
+        ax.set_title(titles.get(name, name), fontsize=10)
+        ax.set_xlabel("principal axis 1 (shared frame)", fontsize=9)
+        ax.set_ylabel("principal axis 2 (shared frame)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25, linewidth=0.5)
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=colours[k], label=name)
+        for k, name in enumerate(classes)
+    ]
+    fig.legend(
+        handles=handles, title="class", loc="outside right center", ncols=columns, fontsize=8
+    )
+    fig.suptitle(
+        "Teacher bank (train rows) and students' projected validation features: "
+        "one 2-D PCA frame, each panel at its own scale",
+        fontsize=10,
+    )
+    return fig
+
+
+def _feature_map(
+    bank, dataset, models: dict, plots: Path, titles: dict[str, str], per_class: int = 60
+) -> plt.Figure:
+    """Bank rows and each student's projected validation features in one 2-D PCA frame:
+    ``features_2d.csv`` (DVC plot data) and ``features_2d.png`` (:func:`feature_map_figure`,
+    saved at its own size: :data:`PANEL_INCHES` a panel at :data:`FEATURE_MAP_DPI`). Returns
+    the (closed) figure."""
     train = torch.nonzero(bank.split("train")).flatten()
     keep = torch.cat([train[bank.labels[train] == c][:per_class] for c in range(len(bank.classes))])
     clouds = {"teacher": (bank.features[keep], bank.labels[keep])}
@@ -117,24 +194,30 @@ def _feature_map(bank, dataset, models: dict, plots: Path, per_class: int = 60) 
         for (x, y), c in zip(points, labels, strict=True)
     ]
     write_text_atomic(plots / "features_2d.csv", _csv(rows))
-    students = [r for r in clouds if r != "teacher"]
-    fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students), 4.6), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for ax, role in zip(axes[0], students, strict=True):
-        for name, marker, size, alpha in (("teacher", "o", 10, 0.35), (role, "x", 14, 0.9)):
-            labels = clouds[name][1].numpy()
-            points = flat[list(clouds).index(name)]
-            ax.scatter(
-                points[:, 0],
-                points[:, 1],
-                c=[cmap(k % 10) for k in labels],
-                s=size,
-                marker=marker,
-                alpha=alpha,
-                linewidths=0.8,
-            )
-        ax.set(title=f"{role}: x = student (val), o = teacher bank", xticks=[], yticks=[])
-    _save_png(fig, plots / "features_2d.png")
+    flat_clouds = {
+        role: (points, labels.numpy())
+        for (role, (_, labels)), points in zip(clouds.items(), flat, strict=True)
+    }
+    titles = {"teacher": "teacher bank (train rows)", **titles}
+    fig = feature_map_figure(flat_clouds, list(bank.classes), titles)
+    with atomic_path(plots / "features_2d.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=FEATURE_MAP_DPI)  # not "tight": a known size
+    plt.close(fig)
+    return fig
+
+
+def _students_shown(models: dict, method: str, chosen: str | None) -> tuple[dict, dict]:
+    """The students of ``features_2d`` by their role in its CSV (the CE-only one, then the
+    shipped one), and the panels' titles."""
+    if method == "ce":
+        return {"student_ce": models["ce"]}, {"student_ce": "CE-only student (val clips)"}
+    shipped = f"{method}: {chosen}" if chosen else method
+    roles = {"student_ce_only": models["ce"], f"student_{method}": models[method]}
+    titles = {
+        "student_ce_only": "CE-only student (val clips)",
+        f"student_{method}": f"shipped student ({shipped}, val clips)",
+    }
+    return roles, titles
 
 
 def _selection(layout: Layout, method: str) -> dict:
@@ -191,10 +274,8 @@ def evaluate_students(layout: Layout, method: str) -> dict:
     layout.plots.mkdir(parents=True, exist_ok=True)
     _learning_curves(histories, layout.plots)
     _confusion(*predictions[method], classes, method, layout.plots)
-    roles = {"student_ce_only": models["ce"], f"student_{method}": models[method]}
-    _feature_map(
-        bank, dataset, roles if method != "ce" else {"student_ce": models["ce"]}, layout.plots
-    )
+    roles, titles = _students_shown(models, method, metrics.get("chosen"))
+    _feature_map(bank, dataset, roles, layout.plots, titles)
     write_json(layout.metrics, metrics)
     get_run_logger().info("metrics: %s", json.dumps(metrics))
     return metrics

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import onnx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -14,7 +15,9 @@ from prefect.runtime import flow_run
 
 from cmkd_core.config import Params
 from cmkd_core.data import check_dataset, sha256_file
+from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.tensors import samples_of
+from cmkd_core.deploy import novelty
 from cmkd_core.export import (
     INT8_OPS,
     ParityError,
@@ -69,6 +72,18 @@ def _int8(layout: Layout, params: Params, source, test, float_accuracy: float) -
         }
     finally:
         staging.unlink(missing_ok=True)
+
+
+def _input_check(dataset: ModalityDataset) -> dict:
+    """What ``cmkd predict`` and ``cmkd serve`` compare each input with (cmkd_core/deploy/
+    novelty.py), fitted on the train split, its threshold from train and validation."""
+    sequence = dataset.meta.kind == "sequence"
+
+    def summaries(split: str) -> np.ndarray:
+        samples = dataset.each_sample(dataset.rows(split))
+        return np.stack([novelty.summary(sample, sequence) for sample in samples])
+
+    return novelty.fit(summaries("train"), summaries("val"), summaries("test"))
 
 
 @task(name="export-student", cache_policy=NONE)
@@ -134,6 +149,8 @@ def export_student(layout: Layout, params: Params) -> dict:
         },
         "outputs": {"logits": f"float32 (batch, {len(classes)}); softmax for probabilities"},
         "front_end": dataset.meta.extra.get("front_end"),
+        **{k: v for k, v in dataset.meta.extra.items() if k == "speakers"},
+        "input_check": _input_check(dataset),
         "normalisation": {
             "inside_graph": True,
             "formula": "(x - mean) / std per feature, train-split statistics",

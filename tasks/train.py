@@ -21,6 +21,7 @@ from cmkd_core.data import (
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.auto import candidates, choose, students_of
 from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
+from cmkd_core.distill.resume import saved_epoch
 from cmkd_core.models.checkpoint import load_classifier, save_classifier
 from cmkd_core.teachers import (
     bank_from_embeddings,
@@ -31,6 +32,7 @@ from cmkd_core.teachers import (
 from cmkd_core.tensorfile import save_tensors
 from tasks.data import write_json
 from tasks.layout import Layout
+from tasks.resumed import add_to_note
 from tasks.timing import computing
 
 
@@ -48,6 +50,25 @@ def _checkpoint(layout: Layout, name: str, params: TeacherParams | DistillParams
     for stale in leftover_temporaries(path):  # a kill mid-write left it
         stale.unlink(missing_ok=True)
     return str(path), key
+
+
+def note_resume(
+    layout: Layout, stage: str, run: str, checkpoint: tuple[str, str], epochs: int
+) -> None:
+    """If ``checkpoint`` (``_checkpoint``'s path and key) holds a saved epoch for these settings,
+    log that training run ``run`` resumes after it and note it for the stage's line in ``cmkd
+    run`` (tasks/resumed.py; under ``.cmkd``, never in an output)."""
+    saved = saved_epoch(*checkpoint)
+    if saved is None:
+        return
+    add_to_note(layout.root, stage, run, saved + 1, epochs)
+    get_run_logger().info(
+        "%s: resumed from its checkpoint, at epoch %d of %d%s",
+        run,
+        saved + 1,
+        epochs,
+        " (it had finished)" if saved >= epochs else "",
+    )
 
 
 def clear_checkpoints(layout: Layout, stage: str) -> None:
@@ -69,6 +90,7 @@ def train_teacher(layout: Layout, params: TeacherParams) -> dict:
         return _given_teacher(layout, params, dataset)
     device = resolve_device(params.device)
     checkpoint = _checkpoint(layout, "teacher", params)
+    note_resume(layout, "teacher", "teacher", checkpoint, params.epochs)
     with computing("training"):
         fitted, data = fit_teacher(dataset, params, device, checkpoint=checkpoint)
     # Reported for information only; selection used val.
@@ -171,6 +193,7 @@ def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
     bank = load_bank(layout.bank)
     dataset = check_dataset(layout.student_data, classes=bank.classes)
     checkpoint = _checkpoint(layout, f"distill-{method}", params)
+    note_resume(layout, "distill", method, checkpoint, params.epochs)
     with computing("training"):
         fitted, _ = fit_student(dataset, bank, params, method, device, checkpoint=checkpoint)
     summary = write_student(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cmkd_core.deploy import novelty
 from cmkd_core.frontend import (
     AudioError,
     ImageError,
@@ -49,9 +50,16 @@ class Prediction:
     label: str
     index: int
     probabilities: dict[str, float]
+    unusual: float | None = None
+    """The input's distance from the training data (cmkd_core/deploy/novelty.py) when it is
+    farther than any train or validation sample was; ``None`` when it is not."""
 
     def as_json(self) -> dict:
-        return {"class": self.label, "index": self.index, "probabilities": self.probabilities}
+        out = {"class": self.label, "index": self.index, "probabilities": self.probabilities}
+        out["unusual"] = self.unusual is not None
+        if self.unusual is not None:
+            out["distance"] = round(self.unusual, 3)
+        return out
 
 
 def card_path_for(model: Path) -> Path:
@@ -98,6 +106,10 @@ class OnnxStudent:
         elif card is not None:
             raise ModelError(f"{card_file}: no such model card")
         self.classes = [str(c) for c in self.card.get("classes", range(num_classes))]
+        try:
+            self.front_end = front_end_from_json(self.card.get("front_end"))
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{card_file}: its front_end cannot be used: {exc}") from None
         if len(self.classes) != num_classes:
             raise ModelError(
                 f"{card_file}: {len(self.classes)} classes but the model has {num_classes} outputs"
@@ -193,26 +205,28 @@ class OnnxStudent:
             raise InputError(f"{name}: the model's output is not finite (values too large?)")
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
+        far = novelty.unusual(self.card.get("input_check"), samples, self.is_sequence)
         return [
             Prediction(
                 self.classes[int(p.argmax())],
                 int(p.argmax()),
                 {c: round(float(v), 6) for c, v in zip(self.classes, p, strict=True)},
+                distance,
             )
-            for p in probs
+            for p, distance in zip(probs, far, strict=True)
         ]
 
     def media_input(self, data: bytes, where: str, limits: Limits | None = None) -> np.ndarray:
         """The model's input for a WAV or image file, through the front end its card records
         (the one its training data were imported with). With ``limits``, a WAV whose frames
         would pass ``max_length`` is refused before they are computed."""
-        spec = self.card.get("front_end")
-        if not spec:
+        front_end = self.front_end
+        if front_end is None:
             raise InputError(
-                f"{where}: this model's card records no audio front end or image front end "
-                "(its data were not imported from files); pass its input arrays as .npy files"
+                f"{where}: this model takes arrays, not audio or image files: its card records "
+                f"no front end (its data were imported as arrays); pass a .npy file of "
+                f"{self._expected()} instead"
             )
-        front_end = front_end_from_json(spec)
         try:
             if isinstance(front_end, ImageFrontEnd):
                 return front_end(data, where)
@@ -239,6 +253,11 @@ class OnnxStudent:
         if array.ndim == single + 1:
             return list(array)
         raise InputError(self._shape_error(array.shape, where))
+
+    def _expected(self) -> str:
+        """One sample's shape as the messages say it, e.g. ``(T, 13) float32``."""
+        shape = ("T", *self.sample_shape) if self.is_sequence else self.sample_shape
+        return f"shape ({', '.join(map(str, shape))}) float32"
 
     def _shape_error(self, shape: tuple[int, ...], where: str) -> str:
         expected = ("T", *self.sample_shape) if self.is_sequence else self.sample_shape

@@ -122,3 +122,17 @@ class ResumeCheckpoint(Callback):
             torch.save(state, tmp)
             with open(tmp, "rb") as handle:  # on disk before the rename makes it the one
                 os.fsync(handle.fileno())
+
+
+def saved_epoch(path: str | Path, key: str) -> int | None:
+    """The last epoch saved in the checkpoint at ``path`` for ``key``: a run started now
+    resumes at the next one. ``None`` when there is none to resume from: no file, a file of
+    other settings (another key), or one that cannot be read (:meth:`ResumeCheckpoint.read`
+    then says why)."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+        return None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("key") != key:
+        return None
+    return int(state["epoch"])

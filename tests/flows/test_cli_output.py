@@ -94,7 +94,10 @@ def test_predict_exits_quietly_when_the_reader_closes_the_pipe(tmp_path):
     whole = subprocess.run(
         [*command, str(tmp_path / "batch.npy")], cwd=ROOT, capture_output=True, text=True
     )
-    assert whole.returncode == 0 and len(whole.stdout.splitlines()) == 3000
+    lines = whole.stdout.splitlines()
+    assert whole.returncode == 0 and len(lines) == 1 + 3000  # the header, then one per sample
+    assert lines[0].split("\t") == ["input", "class", "p(class)", "probabilities"]
+    assert lines[1].split("\t")[0] == f"{tmp_path / 'batch.npy'}[0]"
 
 
 def test_confusion_png_rotates_long_names_so_they_do_not_overlap(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
-from conftest import TINY, make_scratch_repo
+from conftest import TINY, git, make_scratch_repo
 
 from cmkd_core.data.contract import read_dataset
 from cmkd_core.data.tensors import samples_of
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def scratch_repo(tmp_path_factory, fsdd_wheel) -> Path:
+def scratch_repo(tmp_path_factory, recordings) -> Path:
     """A copy of the committed project in a fresh git repo, with a tiny budget in params.yaml."""
-    return make_scratch_repo(tmp_path_factory.mktemp("repo"), fsdd_wheel, TINY)
+    return make_scratch_repo(tmp_path_factory.mktemp("repo"), recordings, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_pipeline_flow_runs_every_stage_and_reports(pipeline_run, scratch_repo):
     assert card["chosen"] == metrics["chosen"] and card["candidates_val_accuracy"] == scores
     for role in ("student", "ce_only"):
         assert 0.1 < metrics[role]["test_accuracy"] <= 1.0
-        assert metrics[role]["n_test"] == 600 and metrics[role]["labelled_train"] == 100
+        assert metrics[role]["n_test"] == 500 and metrics[role]["labelled_train"] == 100
     assert metrics["gain_over_ce"]["test_accuracy"] == pytest.approx(
         metrics["student"]["test_accuracy"] - metrics["ce_only"]["test_accuracy"]
     )
@@ -85,6 +85,63 @@ def test_pipeline_flow_runs_every_stage_and_reports(pipeline_run, scratch_repo):
         "evaluate",
         "export",
     }
+
+
+def test_a_speaker_never_trained_on_through_cmkd_predict_as_wav_files(
+    pipeline_run, scratch_repo, tmp_path
+):
+    """The exported default takes recordings: the held-out test speaker's 500 WAV files, named
+    as a user would, through `cmkd predict` (bench/heldout.py), within 5 points of the test
+    accuracy the run reported (the same clips: the front end recorded in the card computes
+    their frames exactly as the prepare stage did)."""
+    out = tmp_path / "heldout.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "heldout.py"),
+            "--root",
+            str(scratch_repo),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["files"] == 500 and result["role"] == "never trained on"
+    assert result["speaker"] == "george"
+    assert abs(result["accuracy"] - result["printed_test_accuracy"]) <= 0.05, result
+    card = json.loads((scratch_repo / "data" / "export" / "model_card.json").read_text())
+    assert card["front_end"]["kind"] == "audio" and card["speakers"]["test"] == "george"
+    assert card["input_check"]["test_flagged"] <= 0.01
+
+
+def test_a_tone_is_flagged_unusual_and_a_recording_is_not(pipeline_run, scratch_repo, tmp_path):
+    import zipfile
+
+    from fastapi.testclient import TestClient
+    from scipy.io import wavfile
+
+    from cmkd_core.deploy import Limits, OnnxStudent
+    from cmkd_core.deploy.http import create_app
+
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 32767).astype(np.int16)
+    wavfile.write(tmp_path / "tone.wav", 16000, tone)
+    archive = scratch_repo / "data" / "raw" / "fsdd-recordings-1.0.10.zip"
+    speech = zipfile.ZipFile(archive).read("recordings/7_george_3.wav")
+    (tmp_path / "seven.wav").write_bytes(speech)
+    model = "data/export/student.onnx"
+    done = _python(scratch_repo, "flows.cli", "predict", model, str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    flags = {Path(r["input"]).name: r["unusual"] for r in json.loads(done.stdout)}
+    assert flags == {"seven.wav": False, "tone.wav": True}
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "tone.wav: unlike the training data (distance" in warnings[0]
+    client = TestClient(create_app(OnnxStudent(scratch_repo / model), Limits()))
+    for body, unusual in (((tmp_path / "tone.wav").read_bytes(), True), (speech, False)):
+        reply = client.post("/v1/predict", content=body, headers={"content-type": "audio/wav"})
+        assert reply.status_code == 200 and reply.json()["predictions"][0]["unusual"] is unusual
 
 
 def test_stages_ran_in_the_pipelines_process_as_its_subflows_and_the_run_timed(
@@ -263,7 +320,11 @@ def test_dvc_remote_round_trip_restores_the_artifacts(pipeline_run, scratch_repo
     assert "up to date" in _python(scratch_repo, "dvc", "status").stdout
 
 
-def test_dvc_experiment_over_a_seed(pipeline_run, scratch_repo):
+def test_dvc_experiment_over_a_seed_against_a_committed_baseline(pipeline_run, scratch_repo):
+    """The README's "Change parameters" workflow: commit the run as the baseline, try a value
+    with `dvc exp run -S`, compare with `dvc exp show` and `dvc metrics diff`, go back."""
+    git(scratch_repo, "add", "-A")
+    git(scratch_repo, "commit", "-qm", "baseline")
     args = ("dvc", "exp", "run", "-S", "distill.seed=2", "-n", "seed2")
     done = _python(scratch_repo, *args, api_url=_api_url())
     assert done.returncode == 0, done.stdout + done.stderr
@@ -272,6 +333,16 @@ def test_dvc_experiment_over_a_seed(pipeline_run, scratch_repo):
     shown = _python(scratch_repo, "dvc", "exp", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     assert '"seed2"' in shown.stdout and '"seed": 2' in shown.stdout
+    # dvc exp run left the experiment in the workspace: its params and its outputs.
+    assert "seed: 2" in (scratch_repo / "params.yaml").read_text()
+    diff = _python(scratch_repo, "dvc", "metrics", "diff", "--json")
+    assert diff.returncode == 0, diff.stderr
+    changed = json.loads(diff.stdout)
+    assert any(k.startswith("student.") for k in changed["data/evaluate/metrics.json"]), diff.stdout
+    back = subprocess.run(["git", "checkout", "--", "."], cwd=scratch_repo, check=False)
+    assert back.returncode == 0
+    assert _python(scratch_repo, "dvc", "checkout").returncode == 0
+    assert "up to date" in _python(scratch_repo, "dvc", "status").stdout
 
 
 def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratch_repo):
@@ -280,13 +351,13 @@ def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratc
     before = report.read_bytes()
     downstream = scratch_repo / "data" / "export" / "student.onnx"
     onnx_before = downstream.read_bytes()
-    frames = np.load(student / "mfcc.npy")
+    frames = np.load(student / "frames.npy")
     frames[5, 3] = np.nan
-    (student / "mfcc.npy").chmod(0o644)
-    np.save(student / "mfcc.npy", frames)
+    (student / "frames.npy").chmod(0o644)
+    np.save(student / "frames.npy", frames)
     done = _python(scratch_repo, "flows.cli", "stage", "validate", api_url=_api_url())
     assert done.returncode == 2
-    assert "mfcc.npy column=- row=0 check=finite: NaN or inf values" in done.stderr
+    assert "frames.npy column=- row=0 check=finite: NaN or inf values" in done.stderr
     assert report.read_bytes() == before
     # Through DVC, from validate on: the failure stops the chain before any later stage.
     lock_before = yaml.safe_load((scratch_repo / "dvc.lock").read_text())["stages"]
@@ -308,4 +379,4 @@ def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratc
         k: v for k, v in lock_before.items() if k != "prepare"
     }
     problems = (scratch_repo / ".cmkd" / "reports" / "validation-problems.txt").read_text()
-    assert "mfcc.npy column=- row=0 check=finite" in problems
+    assert "frames.npy column=- row=0 check=finite" in problems

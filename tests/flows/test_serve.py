@@ -104,7 +104,7 @@ def test_predict_prints_a_class_per_clip_and_json(exported):
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert row["probabilities"][row["class"]] == max(row["probabilities"].values())
     text = _cli("predict", str(exported["model"]), str(exported["clips"] / "clip000.npy"))
-    assert text.returncode == 0 and text.stdout.split("\t")[1] == rows[0]["class"]
+    assert text.returncode == 0 and text.stdout.splitlines()[1].split("\t")[1] == rows[0]["class"]
 
 
 def test_predict_refuses_bad_input_with_exit_2(exported, tmp_path):
@@ -114,7 +114,7 @@ def test_predict_refuses_bad_input_with_exit_2(exported, tmp_path):
     assert "bad.npy: shape (30, 12), expected ('T', 13)" in done.stderr
     (tmp_path / "a.wav").write_bytes(b"RIFF")
     wav = _cli("predict", str(exported["model"]), str(tmp_path / "a.wav"))
-    assert wav.returncode == 2 and "records no audio front end" in wav.stderr
+    assert wav.returncode == 2 and "its card records no front end" in wav.stderr
     missing = _cli("predict", str(tmp_path / "none.onnx"), str(tmp_path / "bad.npy"))
     assert missing.returncode == 2 and "none.onnx: no such model file" in missing.stderr
 
@@ -457,6 +457,54 @@ def test_a_wav_goes_through_the_front_end_its_card_records(exported, tmp_path):
     )
     bad = client.post("/v1/predict", content=b"RIFFxxxx", headers={"content-type": "audio/wav"})
     assert bad.status_code == 422 and "not a readable WAV" in bad.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "front_end",
+    [None, "13 MFCC per frame, as shipped; no speaker ids (splits by class)"],
+    ids=["imported-arrays", "old-default"],
+)
+def test_a_wav_to_a_model_without_a_front_end_is_refused_in_one_line(
+    exported, tmp_path, recordings, front_end
+):
+    """A card that records no front end (arrays imported ready-made; the old default, whose
+    card described its MFCCs in words) cannot turn a WAV into frames: one line that names the
+    file and says what to pass instead; exit 2 from predict, 422 from serve, no traceback."""
+    import shutil
+    import zipfile
+
+    from fastapi.testclient import TestClient
+
+    from cmkd_core.deploy import OnnxStudent
+    from cmkd_core.deploy.http import create_app
+
+    model = tmp_path / "student.onnx"
+    shutil.copy(exported["model"], model)
+    card = {"classes": exported["classes"], "front_end": front_end}
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    wav = zipfile.ZipFile(recordings).read("recordings/7_theo_3.wav")
+    (tmp_path / "seven.wav").write_bytes(wav)
+    done = _cli("predict", str(model), str(tmp_path / "seven.wav"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seven.wav: this model takes arrays, not audio" in lines[0]
+    assert "pass a .npy file of shape (T, 13) float32 instead" in lines[0]
+    client = TestClient(create_app(OnnxStudent(model), Limits()))
+    reply = client.post("/v1/predict", content=wav, headers={"content-type": "audio/wav"})
+    assert reply.status_code == 422 and "takes arrays, not audio" in reply.json()["detail"]
+
+
+def test_a_card_whose_front_end_has_unknown_settings_is_refused_at_load(exported, tmp_path):
+    import shutil
+
+    model = tmp_path / "student.onnx"
+    shutil.copy(exported["model"], model)
+    card = {"classes": exported["classes"], "front_end": {"kind": "audio", "hop": 3}}
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    np.save(tmp_path / "x.npy", np.zeros((30, 13), np.float32))
+    done = _cli("predict", str(model), str(tmp_path / "x.npy"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "model_card.json: its front_end cannot be used: audio front end: unknown" in done.stderr
 
 
 # Requests that would cost far more than their size, and slow clients: each is refused early,
