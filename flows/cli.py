@@ -309,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--features", choices=["mfcc", "logmel"], default="mfcc", help="wav")
         p.add_argument("--n-mels", type=int, default=40, help="wav: mel filters")
         p.add_argument("--n-mfcc", type=int, default=13, help="wav: MFCC coefficients")
+        p.add_argument("--win-ms", type=float, default=25.0, help="wav: window length")
+        p.add_argument("--hop-ms", type=float, default=10.0, help="wav: hop between windows")
+        p.add_argument("--preemphasis", type=float, default=0.0, help="wav: e.g. 0.97")
+        p.add_argument("--trim-db", type=float, help="wav: drop silence this far below the peak")
+        p.add_argument(
+            "--normalise", choices=["none", "mean", "meanvar"], default="none", help="wav: per clip"
+        )
         p.add_argument("--height", type=int, default=28, help="images: resize to")
         p.add_argument("--width", type=int, default=28, help="images: resize to")
     bank = sub.add_parser("bank", help="look at a teacher bank")
@@ -416,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "import":
             from cmkd_core.data.importers import import_arrays, import_images, import_wav
-            from cmkd_core.frontend import AudioFrontEnd, ImageFrontEnd
+            from cmkd_core.frontend import ImageFrontEnd
 
             common = {
                 "name": args.name,
@@ -426,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                 "labelled_per_class": args.labelled_per_class,
             }
             if args.format == "wav":
-                front_end = AudioFrontEnd(args.sample_rate, args.features, args.n_mels, args.n_mfcc)
+                front_end = _audio_front_end(args)
                 out = import_wav(args.source, args.labels, args.out, front_end=front_end, **common)
             elif args.format == "images":
                 front_end = ImageFrontEnd(args.height, args.width)
@@ -442,13 +449,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "import-layout":
             from cmkd_core.data.layouts import import_layout
-            from cmkd_core.frontend import AudioFrontEnd, ImageFrontEnd
+            from cmkd_core.frontend import ImageFrontEnd
 
             written = import_layout(
                 args.kind,
                 args.source,
                 args.out,
-                audio=AudioFrontEnd(args.sample_rate, args.features, args.n_mels, args.n_mfcc),
+                audio=_audio_front_end(args),
                 image=ImageFrontEnd(args.height, args.width),
                 teacher=args.teacher,
                 frames=args.frames,
@@ -504,6 +511,27 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         return _failed(f"{type(exc).__name__}: {exc}", 1)
+
+
+def _audio_front_end(args: argparse.Namespace):
+    """The audio front end the import options describe (exit 2 on a bad setting)."""
+    from cmkd_core.frontend import AudioFrontEnd
+
+    try:
+        return AudioFrontEnd(
+            args.sample_rate,
+            args.features,
+            args.n_mels,
+            args.n_mfcc,
+            args.win_ms,
+            args.hop_ms,
+            args.preemphasis,
+            args.trim_db,
+            args.normalise,
+        )
+    except ValueError as exc:
+        print(f"cmkd: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _bad_input(exc: Exception) -> bool:

@@ -60,3 +60,38 @@ def test_prepare_without_an_imported_dataset_says_which(tmp_path, prefect_harnes
     with pytest.raises(DataContractError, match=r"data/import/student .*no imported dataset"):
         prepare(root=str(tmp_path))
     assert not (tmp_path / "data" / "prepared" / "teacher").exists()
+
+
+def test_cmkd_import_wav_takes_the_defaults_front_end_settings(tmp_path, recordings):
+    """Your own recordings through the front end the default student was trained with, from
+    the command line; a bad setting is refused in one line, exit 2, nothing written."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from cmkd_core.config import DataParams
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rows = []
+    with zipfile.ZipFile(recordings) as archive:
+        for digit in range(3):
+            for take in range(4):
+                name = f"{digit}_theo_{take}.wav"
+                (clips / name).write_bytes(archive.read(f"recordings/{name}"))
+                rows.append({"file": name, "label": str(digit)})
+    pd.DataFrame(rows).to_csv(tmp_path / "clips.csv", index=False)
+    settings = ["--sample-rate", "8000", "--n-mels", "26", "--trim-db", "30", "--normalise", "mean"]
+    args = ["import", "wav", str(clips), str(tmp_path / "clips.csv"), "--name", "mine"]
+
+    def cmkd(*more):
+        command = [sys.executable, "-m", "flows.cli", *args, *more]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+
+    done = cmkd(str(tmp_path / "mine"), *settings)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "mine" / "dataset.json").read_text())
+    assert meta["extra"]["front_end"] == DataParams().front_end.to_json()
+    bad = cmkd(str(tmp_path / "bad"), *settings, "--trim-db", "-3")
+    assert bad.returncode == 2 and "trim_db -3.0 (> 0)" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
