@@ -144,6 +144,9 @@ def read_wav(source: str | Path | bytes, name: str | None = None) -> tuple[np.nd
 
 
 IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+MAX_PIXELS = 4096 * 4096
+"""The largest image decoded: its header is checked first, so a decompression bomb (a few
+kilobytes of PNG declaring a gigapixel) costs nothing."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,14 @@ class ImageFrontEnd:
                     raise ImageError(
                         f"{where}: image mode {im.mode!r}, expected one of {IMAGE_MODES}"
                     )
+                if im.width * im.height > MAX_PIXELS:  # from the header, before decoding
+                    raise ImageError(
+                        f"{where}: {im.width} x {im.height} pixels > {MAX_PIXELS} "
+                        "(a small file can declare a huge image); resize it first"
+                    )
                 grey = im.convert("L").resize((self.width, self.height), Image.BILINEAR)
                 return np.asarray(grey, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ImageError(f"{where}: not a readable image: {exc}") from None
 
 

@@ -279,3 +279,21 @@ def test_image_folder_becomes_grey_arrays_and_wrong_modes_are_refused(tmp_path):
     with pytest.raises(DataContractError, match=r"im06.png column=- row=6 check=image: .*readable"):
         import_images(folder, tmp_path / "labels.csv", tmp_path / "b", name="b", front_end=front)
     assert not (tmp_path / "b").exists()
+
+
+def test_an_image_declaring_more_pixels_than_the_cap_is_refused_before_decoding(tmp_path):
+    """A few kilobytes of PNG can declare a huge image (a decompression bomb): the header is
+    checked against MAX_PIXELS before a pixel is decoded."""
+    import io
+
+    from PIL import Image
+
+    from cmkd_core.frontend import MAX_PIXELS, ImageError, ImageFrontEnd
+
+    side = 5000  # 25 M pixels > MAX_PIXELS (16.8 M)
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, "PNG")
+    bomb = buffer.getvalue()
+    assert len(bomb) < 100_000 and side * side > MAX_PIXELS
+    with pytest.raises(ImageError, match=r"bomb.png: 5000 x 5000 pixels > 16777216"):
+        ImageFrontEnd()(bomb, "bomb.png")
