@@ -9,15 +9,15 @@ encoder can stay behind.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from cmkd_core.data.contract import SPLITS
+from cmkd_core.data.presets import Robustness
 from cmkd_core.tensorfile import save_tensors
 
 
@@ -148,37 +148,32 @@ def load_bank(path: str | Path) -> TeacherBank:
         raise BankError(f"{path}: {exc}") from None
 
 
-def describe_bank(bank: TeacherBank) -> dict:
-    """What ``cmkd bank inspect`` prints: classes, rows per split and class, feature size, the
-    teacher head's accuracy on the bank's own val rows, and each class's most similar class in
-    the teacher's space (cosine of the train rows' class means)."""
-    val = bank.split("val")
-    with torch.no_grad():
-        predicted = bank.head()(bank.features[val]).argmax(1)
-    counts = {
-        split: {
-            c: int(((bank.labels == i) & bank.split(split)).sum())
-            for i, c in enumerate(bank.classes)
-        }
-        for split in SPLITS
-    }
-    from cmkd_core.align.similarity import class_similarity
+def restrict_bank(bank: TeacherBank, robustness: Robustness, seed: int) -> TeacherBank:
+    """A bank whose train rows are thinned by marginal mismatch and label imbalance.
 
+    Rows outside the train split are kept; at least one train row per class always remains.
+    """
+    if robustness.mismatch_ratio is None and robustness.imbalance_factor is None:
+        return bank
+    gen = torch.Generator().manual_seed(seed + 7919)
+    keep = torch.ones(len(bank.labels), dtype=torch.bool)
     train = bank.split("train")
-    similarity = class_similarity(bank.features[train], bank.labels[train], len(bank.classes))
-    np.fill_diagonal(similarity, -np.inf)
-    nearest = {
-        c: [bank.classes[int(similarity[i].argmax())], float(similarity[i].max())]
-        for i, c in enumerate(bank.classes)
-    }
-    return {
-        "classes": list(bank.classes),
-        "rows": len(bank.labels),
-        "feature_dim": int(bank.features.shape[1]),
-        "counts": counts,
-        "nearest_class": nearest,
-        "val_accuracy": float((predicted == bank.labels[val]).float().mean())
-        if val.any()
-        else None,
-        "info": bank.info,
-    }
+    num_classes = len(bank.classes)
+    for k in range(num_classes):
+        rows = torch.nonzero(train & (bank.labels == k)).flatten()
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        share = 1.0
+        if robustness.mismatch_ratio is not None:
+            share *= robustness.mismatch_ratio
+        if robustness.imbalance_factor is not None and num_classes > 1:
+            share *= robustness.imbalance_factor ** (-k / (num_classes - 1))
+        keep[rows[max(1, round(share * len(rows))) :]] = False
+    ids = tuple(i for i, k in zip(bank.ids, keep.tolist(), strict=True) if k) if bank.ids else ()
+    return replace(
+        bank,
+        features=bank.features[keep],
+        labels=bank.labels[keep],
+        splits=bank.splits[keep],
+        ids=ids,
+        info={**bank.info, "robustness": robustness.__dict__},
+    )

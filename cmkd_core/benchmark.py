@@ -84,8 +84,8 @@ def load_pair(
         teacher, student = mnist_pair(which, 0.2, 0.2, seed)
         return _in_memory("mnist", *teacher), _in_memory(which, *student)
     if name == "text->fashion":
-        from cmkd_core.data.fashion import fashion_images, fashion_texts
-        from cmkd_core.text import DEFAULT_MODEL, load_text_encoder
+        from cmkd_core.data.fashion import fashion_images
+        from cmkd_core.text import DEFAULT_MODEL, fashion_texts, load_text_encoder
 
         encoder = load_text_encoder(DEFAULT_MODEL)
         teacher = _in_memory("fashion-texts", *fashion_texts(encoder, 0.2, 0.2, seed))

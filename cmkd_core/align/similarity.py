@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmkd_core.bank import TeacherBank
+from cmkd_core.data.contract import SPLITS
+
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Mean feature of each class ``(num_classes, d)``, in the dtype of ``features`` ``(N, d)``;
@@ -63,3 +66,37 @@ def similarity_correlation(
     r = (b_c @ a_c) / (np.linalg.norm(b_c, axis=1) * np.linalg.norm(a_c) + 1e-300)
     p_value = (1 + int((r >= observed - 1e-12).sum())) / (1 + permutations)
     return {"correlation": observed, "p_value": p_value, "permutations": permutations}
+
+
+def describe_bank(bank: TeacherBank) -> dict:
+    """What ``cmkd bank inspect`` prints: classes, rows per split and class, feature size, the
+    teacher head's accuracy on the bank's own val rows, and each class's most similar class in
+    the teacher's space (cosine of the train rows' class means)."""
+    val = bank.split("val")
+    with torch.no_grad():
+        predicted = bank.head()(bank.features[val]).argmax(1)
+    counts = {
+        split: {
+            c: int(((bank.labels == i) & bank.split(split)).sum())
+            for i, c in enumerate(bank.classes)
+        }
+        for split in SPLITS
+    }
+    train = bank.split("train")
+    similarity = class_similarity(bank.features[train], bank.labels[train], len(bank.classes))
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = {
+        c: [bank.classes[int(similarity[i].argmax())], float(similarity[i].max())]
+        for i, c in enumerate(bank.classes)
+    }
+    return {
+        "classes": list(bank.classes),
+        "rows": len(bank.labels),
+        "feature_dim": int(bank.features.shape[1]),
+        "counts": counts,
+        "nearest_class": nearest,
+        "val_accuracy": float((predicted == bank.labels[val]).float().mean())
+        if val.any()
+        else None,
+        "info": bank.info,
+    }

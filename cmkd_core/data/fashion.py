@@ -103,35 +103,3 @@ def fashion_images(
         f"Fashion-MNIST (MIT), {SUBSET} of the training images at {SIZE}x{SIZE}, from {folder}",
     )
     return meta, manifest, {"images.npy": images}
-
-
-def fashion_texts(
-    encoder, val_fraction: float, test_fraction: float, seed: int, texts: Path = TEXTS
-) -> tuple[DatasetMeta, pd.DataFrame, dict[str, np.ndarray]]:
-    """The teacher in contract form: the texts of ``texts`` embedded by ``encoder`` (a
-    :class:`cmkd_core.text.TextEncoder`), ``{"embeddings.npy": (n, d)}``."""
-    from cmkd_core.text import embed_texts, read_texts
-
-    table = read_texts(texts, CLASSES)
-    vectors = embed_texts(encoder, table["text"].tolist())
-    index = np.array([CLASSES.index(n) for n in table["label"]])
-    manifest = pd.DataFrame(
-        {
-            "id": [f"text-{i:04d}" for i in range(len(table))],
-            "label": table["label"].to_numpy(),
-            "split": stratified_splits(index, val_fraction, test_fraction, seed),
-            "file": "embeddings.npy",
-            "offset": np.arange(len(table)),
-            "length": 1,
-        }
-    )
-    meta = DatasetMeta(
-        "fashion-texts",
-        "text",
-        "fixed",
-        (int(vectors.shape[1]),),
-        CLASSES,
-        f"{texts.name}: phrases about the Fashion-MNIST classes",
-        {"texts": texts.name},
-    )
-    return meta, manifest, {"embeddings.npy": vectors}

@@ -18,11 +18,10 @@ Three challenges, as in the authors' experiments:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from cmkd_core.bank import TeacherBank
 from cmkd_core.data.contract import SPLITS
 
 
@@ -53,37 +52,6 @@ def preset(name: str) -> Robustness:
     return PRESETS[name]
 
 
-def restrict_bank(bank: TeacherBank, robustness: Robustness, seed: int) -> TeacherBank:
-    """A bank whose train rows are thinned by marginal mismatch and label imbalance.
-
-    Rows outside the train split are kept; at least one train row per class always remains.
-    """
-    if robustness.mismatch_ratio is None and robustness.imbalance_factor is None:
-        return bank
-    gen = torch.Generator().manual_seed(seed + 7919)
-    keep = torch.ones(len(bank.labels), dtype=torch.bool)
-    train = bank.split("train")
-    num_classes = len(bank.classes)
-    for k in range(num_classes):
-        rows = torch.nonzero(train & (bank.labels == k)).flatten()
-        rows = rows[torch.randperm(len(rows), generator=gen)]
-        share = 1.0
-        if robustness.mismatch_ratio is not None:
-            share *= robustness.mismatch_ratio
-        if robustness.imbalance_factor is not None and num_classes > 1:
-            share *= robustness.imbalance_factor ** (-k / (num_classes - 1))
-        keep[rows[max(1, round(share * len(rows))) :]] = False
-    ids = tuple(i for i, k in zip(bank.ids, keep.tolist(), strict=True) if k) if bank.ids else ()
-    return replace(
-        bank,
-        features=bank.features[keep],
-        labels=bank.labels[keep],
-        splits=bank.splits[keep],
-        ids=ids,
-        info={**bank.info, "robustness": robustness.__dict__},
-    )
-
-
 def domain_shift(level: float, feature_std: torch.Tensor):
     """An augmentation for :func:`train_classifier`: noise and gain on ``inputs[0]``.
 
@@ -100,4 +68,4 @@ def domain_shift(level: float, feature_std: torch.Tensor):
     return augment
 
 
-__all__ = ["PRESETS", "SPLITS", "Robustness", "domain_shift", "preset", "restrict_bank"]
+__all__ = ["PRESETS", "SPLITS", "Robustness", "domain_shift", "preset"]

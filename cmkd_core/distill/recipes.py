@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from cmkd_core.bank import TeacherBank
+from cmkd_core.bank import TeacherBank, restrict_bank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data.augment import compose, input_kind, make_view, views_for
 from cmkd_core.data.contract import ModalityDataset
-from cmkd_core.data.presets import domain_shift, preset, restrict_bank
+from cmkd_core.data.presets import domain_shift, preset
 from cmkd_core.data.tensors import Samples, samples_of, training_frames
 from cmkd_core.distill.auto import resolve
 from cmkd_core.distill.methods import create_method, method_class

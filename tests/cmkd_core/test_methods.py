@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from cmkd_core.align import label_alignment
-from cmkd_core.bank import TeacherBank
+from cmkd_core.bank import TeacherBank, restrict_bank
 from cmkd_core.config import DistillParams
-from cmkd_core.data.presets import domain_shift, preset, restrict_bank
+from cmkd_core.data.presets import domain_shift, preset
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill import TrainSettings, train_classifier
 from cmkd_core.distill.methods import Batch, MethodError, create_method, list_methods, method_class
