@@ -34,9 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from default_pair import setup  # noqa: E402
 
-from cmkd_core.benchmark import build_bank, load_pair, teacher_key  # noqa: E402
-from cmkd_core.config import load_params  # noqa: E402
 from cmkd_core.data import write_text_atomic  # noqa: E402
 from cmkd_core.data.augment import input_kind, views_for  # noqa: E402
 from cmkd_core.data.samplers import ClassMatchedSampler  # noqa: E402
@@ -44,7 +43,6 @@ from cmkd_core.data.tensors import samples_of  # noqa: E402
 from cmkd_core.distill.loop import train_step, warmup_cosine  # noqa: E402
 from cmkd_core.distill.methods import Batch, create_method  # noqa: E402
 from cmkd_core.distill.recipes import new_model, student_spec  # noqa: E402
-from flows.bench import FileBankCache  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -135,24 +133,6 @@ def gpu_busy(model, method, batches, optimizer, scheduler, params) -> float:
         e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
     )
     return kernel_us / 1e6 / wall
-
-
-def setup(device: str):
-    """The default params (distill on ``device``), the digits->fsdd pair and the teacher's bank
-    (from the benchmark's cache, or trained once and cached)."""
-    params = load_params(ROOT / "params.yaml")
-    distill = params.distill.model_copy(update={"device": device})
-    teacher_ds, student = load_pair(
-        "digits->fsdd",
-        params.data.model_copy(update={"recordings": str(ROOT / params.data.recordings)}),
-    )
-    teacher = params.teacher.model_copy(update={"device": "cpu"})
-    cache, key = FileBankCache(ROOT / ".cmkd" / "bench" / "banks"), teacher_key(teacher_ds, teacher)
-    hit = cache.get(key, "digits")
-    bank = hit[0] if hit is not None else build_bank(teacher_ds, teacher)[0]
-    if hit is None:
-        cache.put(key, "digits", bank)
-    return distill, teacher_ds, student, bank
 
 
 def main(argv: list[str] | None = None) -> int:

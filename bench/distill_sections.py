@@ -306,10 +306,10 @@ def _rss_mib() -> float:
 
 def _point(queue, device_name: str, method: str, size: int, dim: int | None, steps: int):
     """One scaling point in a fresh process: median step ms and peak memory over the setup's."""
-    import distill
+    from default_pair import setup
 
     device = torch.device(device_name)
-    params, _, student, bank = distill.setup(device_name)
+    params, _, student, bank = setup(device_name)
     if dim is not None:  # the bank's rows mapped to ``dim`` features by a fixed projection
         gen = torch.Generator().manual_seed(0)
         projection = torch.randn(bank.features.shape[1], dim, generator=gen) / math.sqrt(dim)
@@ -405,9 +405,9 @@ def _device_label(device: torch.device) -> str:
 
 def run(args, device: torch.device) -> int:
     """Run the sections ``args`` asks for."""
-    import distill
+    from default_pair import setup
 
-    params, teacher_ds, student, bank = distill.setup(args.device)
+    params, teacher_ds, student, bank = setup(args.device)
     out = Path(args.out)
     if args.solvers:
         solvers(params, student, bank, device, out)

@@ -148,6 +148,35 @@ def load_bank(path: str | Path) -> TeacherBank:
         raise BankError(f"{path}: {exc}") from None
 
 
+class FileBankCache:
+    """Teacher banks as ``folder/NAME-KEY.safetensors`` (KEY: a digest of what decides the
+    teacher, :func:`cmkd_core.benchmark.teacher_key`); ``fresh`` ignores what is there, so the
+    caller retrains."""
+
+    def __init__(self, folder: Path, fresh: bool = False, log=print):
+        self.folder, self.fresh, self.log = folder, fresh, log
+
+    def path(self, key: str, name: str) -> Path:
+        return self.folder / f"{name}-{key[:16]}.safetensors"
+
+    def get(self, key: str, name: str) -> tuple[TeacherBank, float] | None:
+        path = self.path(key, name)
+        if self.fresh or not path.exists():
+            return None
+        try:
+            bank = load_bank(path)
+            accuracy = float(bank.info["test_accuracy"])
+        except (BankError, KeyError) as exc:
+            self.log(f"ignoring unreadable cached bank: {exc}")
+            return None
+        self.log(f"teacher bank from cache {path}")
+        return bank, accuracy
+
+    def put(self, key: str, name: str, bank: TeacherBank) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_bank(bank, self.path(key, name))
+
+
 def restrict_bank(bank: TeacherBank, robustness: Robustness, seed: int) -> TeacherBank:
     """A bank whose train rows are thinned by marginal mismatch and label imbalance.
 

@@ -41,7 +41,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
 
-from cmkd_core.bank import BankError, TeacherBank, load_bank, save_bank
+from cmkd_core.bank import FileBankCache, TeacherBank
 from cmkd_core.bench_summary import (
     geometry_table,
     headline_table,
@@ -113,34 +113,6 @@ def grid_from(args: argparse.Namespace, layout: Layout) -> Grid:
         distill=distill,
         teacher=params.teacher.model_copy(update={"device": "cpu"}),
     )
-
-
-class FileBankCache:
-    """Teacher banks as ``folder/NAME-KEY.safetensors`` (KEY: :func:`teacher_key`, so the same
-    teacher params and data); ``fresh`` ignores what is there and retrains."""
-
-    def __init__(self, folder: Path, fresh: bool = False, log=print):
-        self.folder, self.fresh, self.log = folder, fresh, log
-
-    def path(self, key: str, name: str) -> Path:
-        return self.folder / f"{name}-{key[:16]}.safetensors"
-
-    def get(self, key: str, name: str) -> tuple[TeacherBank, float] | None:
-        path = self.path(key, name)
-        if self.fresh or not path.exists():
-            return None
-        try:
-            bank = load_bank(path)
-            accuracy = float(bank.info["test_accuracy"])
-        except (BankError, KeyError) as exc:
-            self.log(f"ignoring unreadable cached bank: {exc}")
-            return None
-        self.log(f"teacher bank from cache {path}")
-        return bank, accuracy
-
-    def put(self, key: str, name: str, bank: TeacherBank) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save_bank(bank, self.path(key, name))
 
 
 STUDENT_DATA = {"front_end", "seed", "val_speaker", "test_speaker"}

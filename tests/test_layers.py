@@ -69,3 +69,23 @@ def test_a_planted_arrow_up_is_found(tmp_path):
     imports = package_imports(tmp_path, "cmkd_core")
     assert imports == {"data": {"bank"}, "bank": {"data"}}
     assert arrows_up(imports, FLOORS) == ["data -> bank"]
+
+
+def test_benchmark_scripts_import_no_flow_and_do_not_import_each_other_in_a_circle():
+    """bench/ is beside the pipeline, not on top of it: its scripts use the core (the grid's
+    command is `cmkd bench`)."""
+    scripts = {p.stem: p for p in (ROOT / "bench").glob("*.py")}
+    imports = {}
+    for name, path in scripts.items():
+        tree = ast.parse(path.read_text(), str(path))
+        found = {
+            (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom) and getattr(node, "level", 0) == 0
+            for alias in (node.names if isinstance(node, ast.Import) else [None])
+        }
+        assert "flows" not in found, f"bench/{name}.py imports flows"
+        imports[name] = found & set(scripts)
+    for name, targets in imports.items():
+        for other in targets:
+            assert name not in imports[other], f"bench/{name}.py and bench/{other}.py"
