@@ -76,16 +76,17 @@ def _missing(archive: Path, check: str, what: str) -> DataContractError:
 
 
 def held_out_speakers(seed: int, val: str | None, test: str | None) -> tuple[str, str]:
-    """The validation and test speakers: those named, else by ``seed`` in :data:`SPEAKERS`
-    (test ``SPEAKERS[seed % 6]``, validation the next one), so seeds rotate who is held out."""
+    """The validation and test speakers: those named; else the test speaker is
+    ``SPEAKERS[seed % 6]`` and the validation speaker the one after the test speaker in
+    :data:`SPEAKERS`, so seeds rotate who is held out."""
     test = test or SPEAKERS[seed % len(SPEAKERS)]
-    val = val or next(s for s in np.roll(SPEAKERS, -(seed % len(SPEAKERS)) - 1) if s != test)
-    for role, name in (("val_speaker", val), ("test_speaker", test)):
-        if name not in SPEAKERS:
+    for role, name in (("test_speaker", test), ("val_speaker", val)):
+        if name is not None and name not in SPEAKERS:
             raise ValueError(f"data.{role}: unknown speaker {name!r}; valid: {', '.join(SPEAKERS)}")
+    val = val or SPEAKERS[(SPEAKERS.index(test) + 1) % len(SPEAKERS)]
     if val == test:
         raise ValueError(f"data.val_speaker and data.test_speaker are both {val!r}: pick two")
-    return str(val), str(test)
+    return val, test
 
 
 def speaker_splits(speakers: np.ndarray, val: str, test: str) -> np.ndarray:

@@ -58,6 +58,7 @@ def test_seeds_rotate_the_held_out_speakers_and_bad_names_are_refused():
         (SPEAKERS[(s + 1) % 6], SPEAKERS[s]) for s in range(6)
     ]
     assert held_out_speakers(0, "theo", None) == ("theo", "george")
+    assert held_out_speakers(0, None, "theo") == ("yweweler", "theo")  # the one after
     with pytest.raises(ValueError, match=r"data\.test_speaker: unknown speaker 'bob'; valid: "):
         held_out_speakers(0, None, "bob")
     with pytest.raises(ValueError, match="both 'theo'"):
