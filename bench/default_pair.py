@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmkd_core.bank import FileBankCache, TeacherBank
-from cmkd_core.benchmark import build_bank, load_pair, teacher_key
+from cmkd_core.benchmark.plan import build_bank, load_pair, teacher_key
 from cmkd_core.config import DistillParams, load_params
 from cmkd_core.data.contract import ModalityDataset
 

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmkd_core.benchmark import Run, _in_memory, build_bank, run_one  # noqa: E402
+from cmkd_core.benchmark.plan import Run, build_bank, in_memory, run_one  # noqa: E402
 from cmkd_core.config import DistillParams, TeacherParams  # noqa: E402
 from cmkd_core.data.defaults import image_dataset  # noqa: E402
 from cmkd_core.data.fsdd import (  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     elif runs_file.exists():
         runs_file.unlink()
     recordings = read_recordings(ROOT / RECORDINGS)
-    teacher = _in_memory("digits", *image_dataset(0.2, 0.2, 0))
+    teacher = in_memory("digits", *image_dataset(0.2, 0.2, 0))
     bank, _ = build_bank(teacher, TeacherParams(device="cpu"))
     distill = DistillParams(device="cpu")
     for name in args.only:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             if not todo:
                 continue
             val, test = held_out_speakers(seed, None, None)
-            student = _in_memory(
+            student = in_memory(
                 "fsdd", *recordings_dataset(recordings, CANDIDATES[name], val, test)
             )
             for method in todo:

@@ -47,7 +47,7 @@ def heldout(root: Path, speaker: str | None) -> dict:
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "cmkd_app.cli",
                 "predict",
                 "data/export/student.onnx",
                 folder,

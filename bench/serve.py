@@ -65,7 +65,7 @@ def http_figures(model: Path, clip: np.ndarray, requests: int, clients: int) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", str(model), "--port", str(port)],
+        [sys.executable, "-m", "cmkd_app.cli", "serve", str(model), "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

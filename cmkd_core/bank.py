@@ -150,7 +150,7 @@ def load_bank(path: str | Path) -> TeacherBank:
 
 class FileBankCache:
     """Teacher banks as ``folder/NAME-KEY.safetensors`` (KEY: a digest of what decides the
-    teacher, :func:`cmkd_core.benchmark.teacher_key`); ``fresh`` ignores what is there, so the
+    teacher, :func:`cmkd_core.benchmark.plan.teacher_key`); ``fresh`` ignores what is there, so the
     caller retrains."""
 
     def __init__(self, folder: Path, fresh: bool = False, log=print):

@@ -92,7 +92,7 @@ def server_env(home: Path, port: int, base: Mapping[str, str] | None = None) -> 
     return env
 
 
-def _prefect(*args: str) -> list[str]:
+def prefect_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
@@ -129,7 +129,7 @@ def start_server(
     server exits or does not answer within ``timeout`` seconds (it is stopped then)."""
     env = server_env(home, port) if env is None else env
     ui_flag = "--ui" if ui else "--no-ui"
-    command = _prefect(
+    command = prefect_command(
         "server", "start", "--host", HOST, "--port", str(port), "--analytics-off", ui_flag
     )
     log = Path(home) / "server.log"
@@ -138,12 +138,12 @@ def start_server(
     while not healthy(api_url(port)):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc)
-            raise RuntimeError(f"Prefect server did not start; {log}:\n{_tail(log)}")
+            raise RuntimeError(f"Prefect server did not start; {log}:\n{log_tail(log)}")
         time.sleep(0.25)
     return proc
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -241,7 +241,7 @@ def deploy(root: Path, *, env: Mapping[str, str] | None = None, timeout: float =
     """``prefect --no-prompt deploy --all`` in ``root`` (every deployment of its
     ``prefect.yaml``); returns the command's output, raises ``RuntimeError`` if it fails."""
     done = subprocess.run(
-        _prefect("--no-prompt", "deploy", "--all"),
+        prefect_command("--no-prompt", "deploy", "--all"),
         cwd=root,
         env=dict(os.environ if env is None else env),
         stdin=subprocess.DEVNULL,
@@ -275,7 +275,7 @@ def start_worker(
     if poll_seconds is not None:
         worker_env["PREFECT_WORKER_QUERY_SECONDS"] = str(poll_seconds)
     log = root / ".cmkd" / "worker.log" if log is None else log
-    command = _prefect("worker", "start", "--pool", pool, "--type", "process")
+    command = prefect_command("worker", "start", "--pool", pool, "--type", "process")
     return _spawn(command, worker_env, root, log)
 
 
@@ -315,69 +315,6 @@ def serve(root: str = ".", cron: str = CRON) -> None:
     from flows.pipeline import pipeline
 
     pipeline.serve(name="nightly", cron=cron, parameters={"root": str(Path(root).resolve())})
-
-
-def local_env(root: Path, port: int) -> dict[str, str]:
-    """:func:`server_env` for the project at ``root``: ``PREFECT_HOME`` in its state folder
-    (``.cmkd/prefect``) unless the environment names another."""
-    home = Path(os.environ.get("PREFECT_HOME") or Path(root) / ".cmkd" / "prefect")
-    home.mkdir(parents=True, exist_ok=True)
-    return server_env(home, port)
-
-
-def command(action: str, root: Path, port: int, serve_here: bool = False) -> int:
-    """What ``cmkd server``, ``cmkd deploy`` and ``cmkd worker`` do (``action``), for the
-    project at ``root`` and a local server on 127.0.0.1:``port``; returns the exit status.
-
-    ``server`` and ``worker`` replace this process with Prefect's (so that a signal to it
-    reaches the server or worker itself) and run until stopped; ``deploy`` creates the
-    work pool if needed and deploys ``prefect.yaml`` (or, with ``serve_here``, serves the
-    deployment in this process instead)."""
-    root = Path(root).resolve()
-    env = local_env(root, port)
-    os.chdir(root)
-    # A background job of a script starts with SIGINT ignored, and an ignored signal stays
-    # ignored across exec; Prefect's worker answers SIGTERM by sending itself SIGINT, so it
-    # would never stop. Restore the default before becoming the server or worker.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if action == "server":  # becomes the server process: a signal to it stops the server
-        command = _prefect("server", "start", "--host", HOST, "--port", str(port))
-        env["PREFECT_SERVER_UI_ENABLED"] = "true"  # the dashboard at dashboard_url(port)
-        print(
-            f"cmkd: Prefect server for {root}: dashboard at {dashboard_url(port)}, "
-            f"API at {api_url(port)}",
-            flush=True,  # before exec replaces this process and its buffers
-        )
-        os.execve(sys.executable, [*command, "--analytics-off", "--ui"], env)
-    if not healthy(env["PREFECT_API_URL"]):
-        print(
-            f"cmkd: no Prefect server answers at {env['PREFECT_API_URL']}; start one with "
-            f"`cmkd server --port {port}`",
-            file=sys.stderr,
-        )
-        return 2
-    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME")})
-    if action == "worker":  # becomes the worker process, likewise
-        worker_env = {**env, "CMKD_ROOT": str(root)}
-        command = _prefect("worker", "start", "--pool", POOL, "--type", "process")
-        os.execve(sys.executable, command, worker_env)
-    if serve_here:
-        serve(str(root))
-        return 0
-    created = ensure_pool(POOL, url=env["PREFECT_API_URL"])
-    print(f"cmkd: work pool {POOL!r} {'created' if created else 'exists'}")
-    print(deploy(root, env=env), end="")
-    print(deploy_hint(port))
-    return 0
-
-
-def deploy_hint(port: int) -> str:
-    """What ``cmkd deploy`` says to do next: start a worker, and trigger a run now with a
-    ``prefect`` command that reaches the server on ``port`` whatever the shell's settings."""
-    return (
-        f"cmkd: start a worker with `cmkd worker --port {port}`; a run now: "
-        f"`PREFECT_API_URL={api_url(port)} prefect deployment run {DEPLOYMENT}`"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""One Prefect flow per DVC stage; ``dvc.yaml`` runs them through ``cmkd stage NAME``.
+"""One Prefect flow per DVC stage (flows/registry.py lists them); ``dvc.yaml`` runs them through
+``cmkd stage NAME``.
 
 Each flow imports its tasks when it runs, so a stage process loads only what that stage
 needs (``prepare`` and ``validate`` no torch, ONNX or matplotlib): six stage processes start
@@ -12,6 +13,7 @@ from pathlib import Path
 from prefect import flow
 
 from cmkd_core.config import load_params
+from flows import registry
 from tasks.layout import Layout
 
 
@@ -87,14 +89,8 @@ def export(root: str = ".") -> dict:
     return export_student(layout, load_params(layout.params))
 
 
-STAGES = {
-    "prepare": prepare,
-    "validate": validate,
-    "teacher": teacher,
-    "distill": distill,
-    "evaluate": evaluate,
-    "export": export,
-}
+STAGES = {stage.name: globals()[stage.name] for stage in registry.STAGES}
+"""Each stage's flow, by name, in the registry's order (flows/registry.py)."""
 
 
 def run_stage(name: str, root: Path, traceback: bool = True) -> int:

@@ -10,7 +10,9 @@ imported once and talks to the same Prefect API. DVC sees an ordinary command: i
 dependencies, runs it, records the outputs in ``dvc.lock`` and its run cache, as before.
 
 A ``cmkd stage`` without the variable (a bare ``dvc repro``), or one whose directory is not
-the pipeline's, runs the stage itself.
+the pipeline's, runs the stage itself. The command's side is cmkd_app/stage.py; the host stays
+here, below the command layer, because the pipeline flow hosts its stages wherever it runs,
+under ``cmkd run`` or a Prefect deployment's worker alike.
 """
 
 from __future__ import annotations
@@ -99,26 +101,3 @@ def read_line(conn: socket.socket, data: bytes = b"") -> str:
             break
         data += chunk
     return data.decode()
-
-
-def delegate(stage: str, root: str) -> int | None:
-    """From a ``cmkd stage`` command: have the pipeline's host run ``stage`` for ``root`` and
-    return its exit status; ``None`` when there is no host (no ``CMKD_STAGE_SOCKET``, or it does
-    not answer) or it declines: then the command runs the stage itself."""
-    path = os.environ.get(VARIABLE)
-    if not path:
-        return None
-    env = {k: v for k, v in os.environ.items() if k.startswith("CMKD_RUN_")}
-    request = {"stage": stage, "root": str(Path(root).resolve()), "env": env}
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(path)
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            reply = read_line(conn)
-    except OSError:
-        return None
-    if not reply:  # the pipeline's process went away mid-stage
-        print(f"cmkd: the pipeline process running stage {stage!r} went away", flush=True)
-        return 1
-    code = json.loads(reply).get("exit")
-    return None if code is None else int(code)

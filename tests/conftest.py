@@ -17,7 +17,7 @@ import yaml
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cmkd-prefect-home-")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# No stage worker outliving a test (tasks/stage_worker.py); test_stage_worker.py turns it on.
+# No stage worker outliving a test (cmkd_app/stage_worker.py); test_stage_worker.py turns it on.
 os.environ["CMKD_STAGE_WORKER"] = "0"
 
 import tasks  # noqa: F401  (the project's Prefect defaults)
@@ -90,7 +90,7 @@ def cmkd(repo: Path, *args: str, api_url: str | None = None) -> subprocess.Compl
     from tasks.dvc import stage_environment
 
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "cmkd_app.cli", *args],
         cwd=repo,
         capture_output=True,
         text=True,
@@ -107,7 +107,7 @@ def start_run(repo: Path, api_url: str) -> subprocess.Popen:
     from tasks.dvc import stage_environment
 
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run"],
+        [sys.executable, "-m", "cmkd_app.cli", "run"],
         cwd=repo,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -165,9 +165,9 @@ def tiny_params() -> Params:
 @pytest.fixture(scope="session", autouse=True)
 def no_server_left_behind():
     """A command run without a Prefect API starts the shared local server of this session's
-    ``PREFECT_HOME`` (flows/local_server.py); stop it when the tests end."""
+    ``PREFECT_HOME`` (cmkd_app/local_server.py); stop it when the tests end."""
     yield
-    from flows.local_server import stop_server
+    from cmkd_app.local_server import stop_server
 
     stop_server(Path(os.environ["PREFECT_HOME"]))
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cmkd_app.cli import main
 from cmkd_core.config import (
     DistillParams,
     OTParams,
@@ -25,7 +26,6 @@ from cmkd_core.config import (
 from cmkd_core.data import DataContractError, check_dataset, check_pair, write_dataset
 from cmkd_core.data.contract import DatasetMeta
 from cmkd_core.data.importers import import_arrays, import_images
-from flows.cli import main
 
 RNG = np.random.default_rng(7)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cmkd_core.bank import TeacherBank
-from cmkd_core.bench_summary import headline_table, markdown_table, summarise
-from cmkd_core.benchmark import shuffled_bank
+from cmkd_core.benchmark.plan import shuffled_bank
+from cmkd_core.benchmark.summary import headline_table, markdown_table, summarise
 
 
 def test_shuffled_teacher_moves_every_class_and_its_head_with_it():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cmkd_app.cli import main
 from cmkd_core.bank import BankError, load_bank
 from cmkd_core.config import TeacherParams
 from cmkd_core.data import DataContractError, check_dataset
@@ -20,7 +21,6 @@ from cmkd_core.data.contract import class_order, read_dataset
 from cmkd_core.data.defaults import DIGIT_CLASSES, image_dataset
 from cmkd_core.data.importers import import_arrays
 from cmkd_core.teachers import bank_from_embeddings
-from flows.cli import main
 
 RNG = np.random.default_rng(14)
 

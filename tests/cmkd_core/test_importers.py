@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cmkd_app.cli import main
 from cmkd_core.data import DataContractError, check_dataset
 from cmkd_core.data.importers import import_arrays
-from flows.cli import main
 
 RNG = np.random.default_rng(0)
 

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from scipy.io import wavfile
 
+from cmkd_app.cli import main
 from cmkd_core.data import DataContractError, check_dataset
 from cmkd_core.data.layouts import RAVDESS_EMOTIONS, import_layout, pick_frames, read_layout
 from cmkd_core.frontend import AudioFrontEnd, ImageFrontEnd
-from flows.cli import main
 
 RNG = np.random.default_rng(0)
 AUDIO = AudioFrontEnd(sample_rate=8000)

@@ -10,7 +10,7 @@ import torch
 
 from cmkd_core.align import balanced_assignment
 from cmkd_core.bank import TeacherBank
-from cmkd_core.benchmark import random_prototype_bank
+from cmkd_core.benchmark.plan import random_prototype_bank
 from cmkd_core.config import DistillParams
 from cmkd_core.data.augment import input_kind, make_view, views_for
 from cmkd_core.data.tensors import Samples

@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
+from cmkd_app.cli import main
 from cmkd_core.bank import BankError, load_bank, save_bank
 from cmkd_core.data import check_dataset
 from cmkd_core.distill import accuracy_of
 from cmkd_core.distill.recipes import fit_teacher
 from cmkd_core.teachers import bank_from_onnx
-from flows.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,6 @@ train.predict_logits = predict_logits
 torch.save = save
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from cmkd_app.cli import main
 
     sys.exit(main(sys.argv[4:]))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from cmkd_app.cli import main
+from cmkd_core.benchmark.runs import STUDENT_DATA, same_settings
 from cmkd_core.config import DataParams, DistillParams, TeacherParams
-from flows.bench import STUDENT_DATA, _same_settings
-from flows.cli import main
 
 
 def _bench(root, *extra: str) -> dict:
@@ -108,11 +108,11 @@ def test_runs_made_before_a_param_existed_count_as_made_with_its_default():
     }
     older = copy.deepcopy(now)
     del older["distill"]["ssl"]["center"], older["distill"]["min_steps"]
-    assert _same_settings(older, now)
+    assert same_settings(older, now)
     older["distill"]["ssl"]["temperature"] = 0.2
-    assert not _same_settings(older, now)
-    assert not _same_settings({"distill": {"no_such_key": 1}}, now)
-    assert not _same_settings({}, now)
+    assert not same_settings(older, now)
+    assert not same_settings({"distill": {"no_such_key": 1}}, now)
+    assert not same_settings({}, now)
 
 
 def test_spoken_digit_runs_count_only_when_made_from_the_same_recordings_and_front_end():
@@ -122,12 +122,12 @@ def test_spoken_digit_runs_count_only_when_made_from_the_same_recordings_and_fro
         "data": DataParams().model_dump(mode="json", include=STUDENT_DATA),
     }
     sequentia = {k: v for k, v in now.items() if k != "data"}  # before the recordings
-    assert not _same_settings(sequentia, now, "digits->fsdd")
-    assert _same_settings(sequentia, now, "mnist->mnist8x8")  # its data did not change
+    assert not same_settings(sequentia, now, "digits->fsdd")
+    assert same_settings(sequentia, now, "mnist->mnist8x8")  # its data did not change
     other = copy.deepcopy(now)
     other["data"]["front_end"]["features"] = "logmel"
-    assert not _same_settings(other, now, "digits->fsdd")
-    assert _same_settings(copy.deepcopy(now), now, "digits->fsdd")
+    assert not same_settings(other, now, "digits->fsdd")
+    assert same_settings(copy.deepcopy(now), now, "digits->fsdd")
 
 
 def test_a_pair_whose_optional_parts_are_missing_is_skipped_with_its_reason(
@@ -179,7 +179,7 @@ def test_a_worker_killed_mid_grid_the_grid_still_completes_each_run_recorded_onc
     argv += ["--budgets", "5", "--seeds", "4", "--jobs", "2", "--out", str(tmp_path / "out")]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     bench = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *argv, "--name", "k"],
+        [sys.executable, "-m", "cmkd_app.cli", *argv, "--name", "k"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     runs_file = tmp_path / "out" / "k.runs.jsonl"

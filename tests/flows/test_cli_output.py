@@ -15,7 +15,7 @@ import onnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from onnx import TensorProto, helper
 
-from flows.cli import bank_text, summary_text
+from cmkd_app.show import bank_text, summary_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,7 @@ def _tiny_student(path: Path, features: int = 4, classes: int = 3) -> None:
 def test_predict_exits_quietly_when_the_reader_closes_the_pipe(tmp_path):
     _tiny_student(tmp_path / "student.onnx")
     np.save(tmp_path / "batch.npy", np.random.default_rng(0).normal(size=(3000, 4)).astype("f4"))
-    command = [sys.executable, "-m", "flows.cli", "predict", str(tmp_path / "student.onnx")]
+    command = [sys.executable, "-m", "cmkd_app.cli", "predict", str(tmp_path / "student.onnx")]
     for extra in (["--json"], []):
         child = subprocess.Popen(
             [*command, str(tmp_path / "batch.npy"), *extra],

@@ -25,6 +25,7 @@ from conftest import TINY, cmkd, make_scratch_repo
 from test_cli_output import _tiny_student
 from test_local_server import _ensure
 
+from cmkd_app import deploy as app_deploy
 from flows import deploy
 
 HERE = Path(__file__).resolve()
@@ -39,7 +40,7 @@ def _outside_env(**extra: str) -> dict[str, str]:
 
 def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "cmkd_app.cli", *args],
         cwd=cwd,
         env=_outside_env() if env is None else env,
         capture_output=True,
@@ -115,7 +116,7 @@ def _is_dashboard(url: str) -> bool:
 
 
 def test_the_shared_local_server_serves_the_dashboard_its_runs_link_to(tmp_path):
-    from flows.local_server import stop_server
+    from cmkd_app.local_server import stop_server
 
     home = tmp_path / "prefect"
     try:
@@ -144,7 +145,7 @@ def test_cmkd_server_serves_the_dashboard_and_the_deploy_hint_reaches_it(tmp_pat
     log = tmp_path / "server.log"
     with log.open("w") as out:  # a file, not a pipe: nothing blocks the server's output
         server = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "server", "--port", str(port)],
+            [sys.executable, "-m", "cmkd_app.cli", "server", "--port", str(port)],
             cwd=repo,
             env=env,
             stdout=out,
@@ -164,7 +165,7 @@ def test_cmkd_server_serves_the_dashboard_and_the_deploy_hint_reaches_it(tmp_pat
         deployed = _cli(repo, "deploy", "--port", str(port), env=env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         hint = deployed.stdout.splitlines()[-1]
-        assert hint == deploy.deploy_hint(port)
+        assert hint == app_deploy.deploy_hint(port)
         command = re.search(r"a run now: `(.+)`$", hint)[1]
         assert command == f"PREFECT_API_URL={api} prefect deployment run pipeline/nightly"
         # as typed in a fresh shell: no Prefect settings, another home (no profile to help)

@@ -85,7 +85,7 @@ def test_cmkd_import_wav_takes_the_defaults_front_end_settings(tmp_path, recordi
     args = ["import", "wav", str(clips), str(tmp_path / "clips.csv"), "--name", "mine"]
 
     def cmkd(*more):
-        command = [sys.executable, "-m", "flows.cli", *args, *more]
+        command = [sys.executable, "-m", "cmkd_app.cli", *args, *more]
         return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
 
     done = cmkd(str(tmp_path / "mine"), *settings)

@@ -53,7 +53,7 @@ def _api_url() -> str:
 def _running(root: Path, name: str, kill_at: tuple[str, int, str] | None = None) -> Iterator:
     """``cmkd stage NAME`` for ``root`` in a subprocess (with a SIGKILL planted at ``kill_at``
     = ``(run, epoch, where)``: kill_at.py); killed on the way out if still running."""
-    command = [sys.executable, "-m", "flows.cli"]
+    command = [sys.executable, "-m", "cmkd_app.cli"]
     if kill_at is not None:
         command = [sys.executable, str(HERE.parent / "kill_at.py"), *map(str, kill_at)]
     process = subprocess.Popen(

@@ -1,6 +1,6 @@
 """Fewer processes and servers per run: a stage command that DVC starts under ``cmkd run`` has
 its stage run in the pipeline's process (tasks/stage_host.py); without a configured Prefect
-API, ``cmkd`` commands share one local server that stops when idle (flows/local_server.py)."""
+API, ``cmkd`` commands share one local server that stops when idle (cmkd_app/local_server.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import make_scratch_repo, process_gone
 
-from flows.local_server import INFO, stop_server
-from tasks.stage_host import VARIABLE, StageHost, delegate
+from cmkd_app.local_server import INFO, stop_server
+from cmkd_app.stage import delegate_to_host as delegate
+from tasks.stage_host import VARIABLE, StageHost
 
 
 def test_a_delegated_stage_runs_in_the_hosts_process_with_its_status_and_run_name(
@@ -61,7 +62,9 @@ def _env(home: Path, idle: float, cache: Path | None = None) -> dict[str, str]:
 
 
 def _ensure(home: Path, idle: float, cache: Path | None = None) -> tuple[str, bool]:
-    code = "import json; from flows.local_server import ensure_server as e; print(json.dumps(e()))"
+    code = (
+        "import json; from cmkd_app.local_server import ensure_server as e; print(json.dumps(e()))"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code],
         env=_env(home, idle, cache),

@@ -132,7 +132,7 @@ def test_a_tone_is_flagged_unusual_and_a_recording_is_not(pipeline_run, scratch_
     speech = zipfile.ZipFile(archive).read("recordings/7_george_3.wav")
     (tmp_path / "seven.wav").write_bytes(speech)
     model = "data/export/student.onnx"
-    done = _python(scratch_repo, "flows.cli", "predict", model, str(tmp_path), "--json")
+    done = _python(scratch_repo, "cmkd_app.cli", "predict", model, str(tmp_path), "--json")
     assert done.returncode == 0, done.stderr
     flags = {Path(r["input"]).name: r["unusual"] for r in json.loads(done.stdout)}
     assert flags == {"seven.wav": False, "tone.wav": True}
@@ -219,7 +219,7 @@ def test_cmkd_predict_on_the_test_clips_agrees_with_the_metrics(pipeline_run, sc
     for i in range(len(rows)):
         np.save(clips / f"{i:04d}.npy", x[i, : lengths[i]])
     done = _python(
-        scratch_repo, "flows.cli", "predict", "data/export/student.onnx", "clips", "--json"
+        scratch_repo, "cmkd_app.cli", "predict", "data/export/student.onnx", "clips", "--json"
     )
     assert done.returncode == 0, done.stderr
     predicted = [r["class"] for r in json.loads(done.stdout)]
@@ -355,7 +355,7 @@ def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratc
     frames[5, 3] = np.nan
     (student / "frames.npy").chmod(0o644)
     np.save(student / "frames.npy", frames)
-    done = _python(scratch_repo, "flows.cli", "stage", "validate", api_url=_api_url())
+    done = _python(scratch_repo, "cmkd_app.cli", "stage", "validate", api_url=_api_url())
     assert done.returncode == 2
     assert "frames.npy column=- row=0 check=finite: NaN or inf values" in done.stderr
     assert report.read_bytes() == before

@@ -90,7 +90,7 @@ def exported(pair_root, tiny_params, tmp_path_factory):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "cmkd_app.cli", *args], cwd=ROOT, capture_output=True, text=True
     )
 
 
@@ -124,7 +124,7 @@ def server(exported):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "flows.cli", "serve", str(exported["model"])]
+    command = [sys.executable, "-m", "cmkd_app.cli", "serve", str(exported["model"])]
     with _serving([*command, "--port", str(port), *LIMITS], port) as client:
         yield client
 
@@ -410,7 +410,7 @@ student = OnnxStudent({str(exported["model"])!r})
 client = TestClient(create_app(student, Limits()))
 reply = client.post("/v1/predict", json={{"inputs": [np.zeros((20, 13)).tolist()]}})
 assert reply.status_code == 200, reply.text
-from flows.cli import main
+from cmkd_app.cli import main
 assert main(["predict", {str(exported["model"])!r}, {str(exported["clips"])!r}]) == 0
 assert "torch" not in sys.modules
 print("ok")

@@ -1,5 +1,5 @@
 """A bare ``dvc repro`` hands its later stages to the project's stage worker, which runs each
-in a forked child writing to the stage command's own output (tasks/stage_worker.py); the stage
+in a forked child writing to the stage command's own output (cmkd_app/stage_worker.py); the stage
 dies with its command; a command with other settings is declined and runs its stage itself."""
 
 from __future__ import annotations

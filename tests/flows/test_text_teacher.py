@@ -52,7 +52,7 @@ def _cmkd(repo: Path, *args: str, api_url: str) -> subprocess.CompletedProcess:
     env = stage_environment(api_url)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "cmkd_app.cli", *args],
         cwd=repo,
         capture_output=True,
         text=True,

@@ -8,7 +8,7 @@ kept, its class semantics destroyed) and ``random_prototypes`` (each class's ban
 by one random unit vector: the teacher's geometry gone, class proportions kept). ``auto`` is not
 trained: its record is the candidate (:mod:`cmkd_core.distill.auto`) with the best validation
 accuracy among the grid's runs of the same cell and seed, which is what the distill stage's
-``auto`` computes from the same runs (:mod:`cmkd_core.bench_summary`).
+``auto`` computes from the same runs (:mod:`cmkd_core.benchmark.summary`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Grid:
     """Methods also run against random class prototypes (:func:`random_prototype_bank`)."""
 
 
-def _in_memory(name: str, meta, manifest, arrays, labelled=None) -> ModalityDataset:
+def in_memory(name: str, meta, manifest, arrays, labelled=None) -> ModalityDataset:
     ids = frozenset(labelled) if labelled is not None else None
     return ModalityDataset(Path(f"<{name}>"), meta, manifest.reset_index(drop=True), arrays, ids)
 
@@ -74,22 +74,22 @@ def load_pair(
     stratified by class, except the spoken digits: the recordings at ``data.recordings``
     through ``data.front_end``, split by speaker as the default is."""
     if name == "digits->fsdd":
-        teacher = _in_memory("digits", *image_dataset(0.2, 0.2, seed))
+        teacher = in_memory("digits", *image_dataset(0.2, 0.2, seed))
         meta, manifest, arrays, _ = default_student(
             data.recordings, data.front_end, data.seed, None, data.val_speaker, data.test_speaker
         )
-        return teacher, _in_memory("fsdd", meta, manifest, arrays)
+        return teacher, in_memory("fsdd", meta, manifest, arrays)
     if name in ("mnist->digits8x8", "mnist->mnist8x8"):
         which = "sklearn_digits8x8" if name.endswith("digits8x8") else "derived_mnist8x8"
         teacher, student = mnist_pair(which, 0.2, 0.2, seed)
-        return _in_memory("mnist", *teacher), _in_memory(which, *student)
+        return in_memory("mnist", *teacher), in_memory(which, *student)
     if name == "text->fashion":
         from cmkd_core.data.fashion import fashion_images
         from cmkd_core.text import DEFAULT_MODEL, fashion_texts, load_text_encoder
 
         encoder = load_text_encoder(DEFAULT_MODEL)
-        teacher = _in_memory("fashion-texts", *fashion_texts(encoder, 0.2, 0.2, seed))
-        return teacher, _in_memory("fashion", *fashion_images(0.2, 0.2, seed))
+        teacher = in_memory("fashion-texts", *fashion_texts(encoder, 0.2, 0.2, seed))
+        return teacher, in_memory("fashion", *fashion_images(0.2, 0.2, seed))
     raise KeyError(f"unknown pair {name!r}; valid pairs: {', '.join(PAIRS)}")
 
 
@@ -283,7 +283,7 @@ def _key_of(item: Run | dict) -> tuple:
 def _runs(grid: Grid, pairing: str) -> Iterable[tuple[str, str]]:
     for method in grid.methods:
         if method == "auto":
-            continue  # derived from its candidates' runs (cmkd_core.bench_summary.with_auto)
+            continue  # derived from its candidates' runs (cmkd_core.benchmark.summary.with_auto)
         cls = method_class(base_method(method))
         if cls.needs_pairs and pairing != "paired":
             continue  # paired-only baselines refuse unpaired data (tested separately)

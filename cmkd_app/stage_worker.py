@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from tasks.process import exit_now
+from cmkd_app.process import exit_now
 from tasks.stage_host import read_line
 
 IDLE_SECONDS = 300.0
@@ -44,7 +44,9 @@ _SETTINGS = ("PREFECT_", "CMKD_", "PYTHON", "VIRTUAL_ENV", "OMP_", "MKL_", "CUDA
 _PER_RUN = ("CMKD_RUN_", "CMKD_STAGE_")
 _SOURCE = Path(__file__).resolve().parents[1]
 # The worker imports cmkd from where this command did, whatever its directory holds.
-_START = "import sys; sys.path.insert(0, sys.argv[1]); from tasks.stage_worker import main; main()"
+_START = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from cmkd_app.stage_worker import main; main()"
+)
 
 
 def enabled() -> bool:
@@ -56,7 +58,7 @@ def fingerprint(root: Path) -> str:
     """What a worker must share with a command to run its stage: the project directory, the
     interpreter, every source file's size and time, and the settings in the environment."""
     digest = hashlib.sha256(f"{Path(root).resolve()}\n{sys.executable}\n".encode())
-    for package in ("cmkd_core", "flows", "tasks"):
+    for package in ("cmkd_core", "flows", "tasks", "cmkd_app"):
         for path in sorted((_SOURCE / package).rglob("*.py")):
             stat = path.stat()
             digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -159,7 +161,7 @@ def _child(request: dict, fds: list[int]) -> int:
         os.environ["CMKD_STAGE_WORKER"] = "0"  # this process runs the stage: no delegating
         os.chdir(request["cwd"])
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from flows.cli import main
+        from cmkd_app.cli import main
 
         return main(request["argv"])
     except SystemExit as exc:
@@ -176,7 +178,7 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> int:
     pid = os.fork()
     if pid == 0:
         conn.close()
-        exit_now(_child(request, fds))  # see tasks/process.py
+        exit_now(_child(request, fds))  # see cmkd_app/process.py
     for fd in fds:
         os.close(fd)
     with selectors.DefaultSelector() as selector:
@@ -201,9 +203,9 @@ def serve(root: Path, idle: float) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return 0  # another worker serves this project
-        from flows.cli import STAGE_MODULES
+        from cmkd_app.stage import STAGE_MODULES
 
-        for module in ("flows.cli", "flows.stages", *STAGE_MODULES):
+        for module in ("cmkd_app.cli", "cmkd_app.commands", "flows.stages", *STAGE_MODULES):
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
         if threading.active_count() > 1:  # forking with Python threads running is not safe

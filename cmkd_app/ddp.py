@@ -1,4 +1,4 @@
-"""The distill stage over several processes: ``torchrun --nproc-per-node N -m flows.ddp``.
+"""The distill stage over several processes: ``torchrun --nproc-per-node N -m cmkd_app.ddp``.
 
 Every process reads ``params.yaml``, the bank (``data/teacher/bank.safetensors``) and the
 prepared student data (``data/prepared/student``) of ``--root``, exactly as the ``distill``
@@ -10,8 +10,8 @@ it. Rank 0 writes the student and its history where the stage writes them
 (``data/distill/student_<method>.safetensors``, ``history_<method>.json``), atomically, unless
 ``--out`` / ``--history`` say otherwise. Without torchrun it runs as a group of one.
 
-    torchrun --nproc-per-node 2 -m flows.ddp --method joint
-    python -m torch.distributed.run --nproc-per-node 2 -m flows.ddp --out /tmp/student.safetensors
+    torchrun --nproc-per-node 2 -m cmkd_app.ddp --method joint
+    python -m torch.distributed.run --nproc-per-node 2 -m cmkd_app.ddp --out /tmp/s.safetensors
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from tasks.train import write_student
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m flows.ddp", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cmkd_app.ddp", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")
     parser.add_argument("--params", type=Path, help="params file (default ROOT/params.yaml)")
     parser.add_argument("--method", help="distillation method (default distill.method)")

@@ -11,7 +11,7 @@ find it through ``local-server.json`` and reuse it. Each command holds a lease
 ``CMKD_SERVER_IDLE_SECONDS`` (default 600). ``cmkd server --stop`` stops it now; with
 ``PREFECT_API_URL`` set (a server of your own, ``cmkd server``, Prefect Cloud) none is started.
 
-The server is ``python -m flows.local_server --port P`` with its output in
+The server is ``python -m cmkd_app.local_server --port P`` with its output in
 ``local-server.log``; ``local-server.lock`` keeps two commands from starting two servers and
 the server from stopping while a command is picking it up.
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import tasks  # noqa: F401  (Prefect's offline defaults, before Prefect is imported)
-from flows.deploy import HOST, _tail, api_url, healthy, server_env
+from flows.deploy import HOST, api_url, healthy, log_tail, server_env
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -178,7 +178,7 @@ def _ensure(home: Path, timeout: float) -> tuple[str, bool]:
         )
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.local_server", "--port", str(port)],
+                [sys.executable, "-m", "cmkd_app.local_server", "--port", str(port)],
                 cwd=home,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -192,7 +192,9 @@ def _ensure(home: Path, timeout: float) -> tuple[str, bool]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"the local Prefect server did not start; {log}:\n{_tail(log)}")
+                raise RuntimeError(
+                    f"the local Prefect server did not start; {log}:\n{log_tail(log)}"
+                )
             time.sleep(0.1)
         info = {"url": url, "pid": proc.pid, "port": port, "started": time.time()}
         (home / INFO).write_text(json.dumps(info) + "\n")
@@ -329,7 +331,7 @@ def with_dashboard(app: FastAPI, ui: FastAPI) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server in this process (what :func:`ensure_server` starts)."""
-    parser = argparse.ArgumentParser(prog="python -m flows.local_server")
+    parser = argparse.ArgumentParser(prog="python -m cmkd_app.local_server")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     os.environ["PREFECT__SERVER_EPHEMERAL"] = "1"  # a temporary server's services only
