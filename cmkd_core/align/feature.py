@@ -121,3 +121,43 @@ def feature_alignment(
         if labels is not None and label_cost > 0:
             m = m + label_cost * (labels[0].unsqueeze(1) != labels[1].unsqueeze(0)).to(m.dtype)
         return _solve(m, reg, num_iter, solver).value
+
+
+class FeatureAligner:
+    """Feature alignment configured once (ground cost, entropic regularisation, Sinkhorn
+    iteration bound, label cost, solver: :func:`feature_alignment`'s settings) and called per
+    batch with the two clouds alone."""
+
+    def __init__(
+        self,
+        cost: Cost = "cosine",
+        reg: float = 0.1,
+        num_iter: int = 100,
+        label_cost: float = 0.0,
+        solver: Solver = "torch",
+    ):
+        self.cost, self.reg, self.num_iter = cost, reg, num_iter
+        self.label_cost, self.solver = label_cost, solver
+
+    @classmethod
+    def of(cls, ot) -> FeatureAligner:
+        """From an ``ot`` settings object with these fields (``distill.ot`` of params.yaml)."""
+        return cls(ot.cost, ot.reg, ot.num_iter, ot.label_cost, ot.solver)
+
+    def __call__(
+        self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """FA loss of ``student (B, d)`` (projected student features, with gradient) against
+        ``teacher (B, d)``; with ``labels (B,)``, shared by both sides (class-matched or paired
+        rows), the label cost applies."""
+        pair_labels = (labels, labels) if labels is not None else None
+        return feature_alignment(
+            student,
+            teacher,
+            self.cost,
+            self.reg,
+            self.num_iter,
+            pair_labels,
+            self.label_cost,
+            self.solver,
+        )

@@ -94,7 +94,7 @@ def fit_teacher(
         "num_classes": len(classes),
         "align_dim": None,
     }
-    method = create_method("ce", DistillParams(label_smoothing=params.label_smoothing))
+    method = method_class("ce")(label_smoothing=params.label_smoothing)
     settings = TrainSettings(
         params.epochs,
         params.batch_size,

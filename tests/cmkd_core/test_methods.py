@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkd_core.align import label_alignment
+from cmkd_core.align import FeatureAligner, label_alignment
 from cmkd_core.bank import TeacherBank, restrict_bank
 from cmkd_core.config import DistillParams
 from cmkd_core.data.presets import domain_shift, preset
@@ -93,6 +93,35 @@ def test_semi_supervised_option_adds_fa_on_unlabelled_samples():
     assert {"fa", "la", "fa_unlabelled"} <= set(terms)
     plain = create_method("joint", DistillParams(unlabelled=False), bank)
     assert "fa_unlabelled" not in plain(_student(), _batch(bank, unlabelled=True))
+
+
+def test_a_method_is_configured_once_with_the_settings_it_uses_and_no_params_object():
+    bank = _bank()
+    params = DistillParams(
+        w_fa=0.3, w_la=0.7, la_form="reference", ot={"reg": 0.2}, unlabelled=True
+    )
+    method = create_method("joint", params, bank)
+    assert not hasattr(method, "params")
+    assert (method.w_fa, method.w_la, method.la_form, method.alignment.reg) == (
+        0.3,
+        0.7,
+        "reference",
+        0.2,
+    )
+    direct = method_class("joint")(
+        bank,
+        w_fa=0.3,
+        w_la=0.7,
+        la_form="reference",
+        label_smoothing=params.label_smoothing,
+        alignment=FeatureAligner(reg=0.2),
+        unlabelled_fa=params.w_fa,
+    )
+    batch = _batch(bank, unlabelled=True)
+    made, built = method(_student(), batch), direct(_student(), batch)
+    assert set(made) == set(built) and all(torch.equal(made[k], built[k]) for k in made)
+    with pytest.raises(TypeError, match="w_kd"):
+        method_class("joint")(bank, w_kd=1.0)  # a setting joint does not use
 
 
 @pytest.mark.parametrize("name", ["hinton_kd", "fitnet", "c2kd"])

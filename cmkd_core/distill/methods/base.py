@@ -3,19 +3,23 @@
 A method is a module that turns one :class:`Batch` into named loss terms with ``"loss"`` the
 one optimised. Most methods only add weighted terms to cross-entropy (:meth:`Method.extra`);
 ``bilevel`` overrides :meth:`Method.forward`. The training loop is the same for all.
+
+Each method is configured once, at construction, with the settings it uses (keyword
+arguments of its ``__init__``); :meth:`Method.from_params` takes them from the ``distill``
+section of params.yaml (:meth:`Method.settings` names which).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd_core.align import feature_alignment
+from cmkd_core.align import FeatureAligner
 from cmkd_core.bank import TeacherBank
-from cmkd_core.config import DistillParams
 from cmkd_core.models import Classifier
 
 
@@ -44,6 +48,22 @@ class Batch:
     step: int = 0
 
 
+class SSLSettings(Protocol):
+    """What the semi-supervised methods read of ``distill.ssl`` (``SSLParams`` of
+    cmkd_core/config.py has these fields and more)."""
+
+    weight: float
+    start: int
+    ramp: int
+    threshold: float
+    temperature: float
+    eps: float
+    iterations: int
+    center: bool
+    semantic: float
+    semantic_temperature: float
+
+
 class MethodError(ValueError):
     """A method cannot run on this data (for example, it needs pairs and there are none)."""
 
@@ -58,12 +78,38 @@ class Method(nn.Module):
     uses_unlabelled = False  # trains on the unlabelled student samples whenever there are some
     uses_views = False  # needs the weak and strong views of those samples
 
-    def __init__(self, params: DistillParams, bank: TeacherBank | None = None):
+    def __init__(
+        self,
+        bank: TeacherBank | None = None,
+        *,
+        label_smoothing: float = 0.1,
+        alignment: FeatureAligner | None = None,
+        unlabelled_fa: float | None = None,
+    ):
+        """``label_smoothing`` of the CE term; ``alignment``: the feature alignment of methods
+        that align features; ``unlabelled_fa``: with such a method, the weight of an FA term on
+        the unlabelled samples (``None``: no such term)."""
         super().__init__()
         if self.needs_teacher and bank is None:
             raise MethodError(f"method {self.name!r} needs a teacher bank")
-        self.params = params
+        self.label_smoothing = label_smoothing
+        self.alignment = alignment or FeatureAligner()
+        self.unlabelled_fa = unlabelled_fa
         self.teacher_head = bank.head() if bank is not None else None
+
+    @classmethod
+    def settings(cls, params) -> dict:
+        """This method's keyword arguments, from distill params (``DistillParams``)."""
+        found: dict = {"label_smoothing": params.label_smoothing}
+        if cls.aligns_features:
+            found["alignment"] = FeatureAligner.of(params.ot)
+            found["unlabelled_fa"] = params.w_fa if params.unlabelled else None
+        return found
+
+    @classmethod
+    def from_params(cls, params, bank: TeacherBank | None = None) -> Method:
+        """The method configured by distill ``params`` with the teacher ``bank``."""
+        return cls(bank, **cls.settings(params))
 
     def extra(
         self, model: Classifier, batch: Batch, features: torch.Tensor, logits: torch.Tensor
@@ -81,33 +127,20 @@ class Method(nn.Module):
         """Feature alignment of student features ``(B, d_S)`` to teacher rows ``(B, d_T)``;
         with ``labels (B,)`` (shared by both sides: rows are class-matched or paired) the
         ``ot.label_cost`` penalty applies."""
-        ot = self.params.ot
-        pair_labels = (labels, labels) if labels is not None else None
-        return feature_alignment(
-            model.projector(features),
-            teacher,
-            ot.cost,
-            ot.reg,
-            ot.num_iter,
-            pair_labels,
-            ot.label_cost,
-            ot.solver,
-        )
+        return self.alignment(model.projector(features), teacher, labels)
 
     def forward(self, model: Classifier, batch: Batch) -> dict[str, torch.Tensor]:
         """Loss terms of one batch; ``"loss"`` is CE plus the weighted extra terms."""
         features = model.features(*batch.inputs)
         logits = model.head(features)
-        terms = {
-            "ce": F.cross_entropy(logits, batch.labels, label_smoothing=self.params.label_smoothing)
-        }
+        terms = {"ce": F.cross_entropy(logits, batch.labels, label_smoothing=self.label_smoothing)}
         loss = terms["ce"]
         extra = self.extra(model, batch, features, logits)
-        if self.aligns_features and self.params.unlabelled and batch.unlabelled is not None:
+        if self.unlabelled_fa is not None and batch.unlabelled is not None:
             assert batch.unlabelled_teacher is not None
             unlabelled = model.features(*batch.unlabelled)
             extra["fa_unlabelled"] = (
-                self.params.w_fa,
+                self.unlabelled_fa,
                 self.fa(model, unlabelled, batch.unlabelled_teacher),
             )
         for name, (weight, value) in extra.items():
@@ -115,6 +148,39 @@ class Method(nn.Module):
             loss = loss + weight * value
         terms["loss"] = loss
         return terms
+
+
+class FAWeighted(Method):
+    """A method with a feature-side term weighted by ``w_fa`` (FA, MMD, a hint loss)."""
+
+    def __init__(self, bank: TeacherBank | None = None, *, w_fa: float = 1.0, **settings):
+        super().__init__(bank, **settings)
+        self.w_fa = w_fa
+
+    @classmethod
+    def settings(cls, params) -> dict:
+        return {**super().settings(params), "w_fa": params.w_fa}
+
+
+class KDMethod(Method):
+    """A method with a distillation term: its weight ``w_kd`` and temperature
+    ``kd_temperature``."""
+
+    def __init__(
+        self,
+        bank: TeacherBank | None = None,
+        *,
+        w_kd: float = 1.0,
+        kd_temperature: float = 4.0,
+        **common,
+    ):
+        super().__init__(bank, **common)
+        self.w_kd, self.kd_temperature = w_kd, kd_temperature
+
+    @classmethod
+    def settings(cls, params) -> dict:
+        found = {"w_kd": params.w_kd, "kd_temperature": params.kd_temperature}
+        return {**super().settings(params), **found}
 
 
 def ramp_weight(step: int, weight: float, start: int, ramp: int) -> float:

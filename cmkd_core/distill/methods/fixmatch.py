@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cmkd_core.distill.methods.base import Batch, Method, ramp_weight
+from cmkd_core.bank import TeacherBank
+from cmkd_core.distill.methods.base import Batch, Method, SSLSettings, ramp_weight
 from cmkd_core.distill.methods.registry import register_method
 from cmkd_core.models import Classifier
 
@@ -39,10 +40,19 @@ class FixMatch(Method):
     uses_unlabelled = True
     uses_views = True
 
+    def __init__(self, bank: TeacherBank | None = None, *, ssl: SSLSettings, **common):
+        """``ssl``: ``distill.ssl`` (weight, start, ramp, threshold)."""
+        super().__init__(bank, **common)
+        self.ssl = ssl
+
+    @classmethod
+    def settings(cls, params) -> dict:
+        return {**super().settings(params), "ssl": params.ssl}
+
     def extra(self, model: Classifier, batch: Batch, features, logits):
         if batch.unlabelled is None or batch.unlabelled_strong is None:
             return {}
-        ssl = self.params.ssl
+        ssl = self.ssl
         weight = ramp_weight(batch.step, ssl.weight, ssl.start, ssl.ramp)
         if weight == 0.0:
             return {}

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmkd_core.bank import TeacherBank
-from cmkd_core.config import DistillParams
-from cmkd_core.distill.methods.base import Batch, Method, kd_divergence
+from cmkd_core.distill.methods.base import Batch, FAWeighted, KDMethod, kd_divergence
 from cmkd_core.distill.methods.registry import register_method
 from cmkd_core.models import Classifier
 
@@ -22,7 +21,7 @@ Terms = dict[str, tuple[float, torch.Tensor]]
 
 
 @register_method("hinton_kd")
-class HintonKD(Method):
+class HintonKD(KDMethod):
     """CE + w_kd * T^2 KL(teacher || student) on the paired teacher's logits."""
 
     needs_pairs = True
@@ -35,16 +34,11 @@ class HintonKD(Method):
             teacher_logits = torch.cat(
                 [teacher_logits, self.teacher_head(batch.unlabelled_teacher)]
             )
-        return {
-            "kd": (
-                self.params.w_kd,
-                kd_divergence(teacher_logits, logits, self.params.kd_temperature),
-            )
-        }
+        return {"kd": (self.w_kd, kd_divergence(teacher_logits, logits, self.kd_temperature))}
 
 
 @register_method("fitnet")
-class FitNet(Method):
+class FitNet(FAWeighted):
     """CE + w_fa * mean squared error between projected student and paired teacher features."""
 
     needs_pairs = True
@@ -56,7 +50,7 @@ class FitNet(Method):
             features = torch.cat([features, model.features(*batch.unlabelled)])
             teacher = torch.cat([teacher, batch.unlabelled_teacher])
         hint = F.mse_loss(model.projector(features), teacher)
-        return {"hint": (self.params.w_fa, hint)}
+        return {"hint": (self.w_fa, hint)}
 
 
 def non_target_kd(
@@ -71,26 +65,26 @@ def non_target_kd(
 
 
 @register_method("c2kd")
-class C2KDStyle(Method):
+class C2KDStyle(KDMethod):
     """C2KD-style baseline: a proxy head on the projected student features learns the labels
     and receives the paired teacher's non-target class distribution, which shapes the shared
     student encoder; the student's own head trains with CE."""
 
     needs_pairs = True
 
-    def __init__(self, params: DistillParams, bank: TeacherBank | None = None):
-        super().__init__(params, bank)
+    def __init__(self, bank: TeacherBank | None = None, **settings):
+        super().__init__(bank, **settings)
         assert bank is not None
         self.proxy = nn.Linear(bank.features.shape[1], len(bank.classes))
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
         proxy_logits = self.proxy(model.projector(features))
         teacher_logits = self.teacher_head(batch.teacher_features)
-        t = self.params.kd_temperature
+        t = self.kd_temperature
         return {
             "proxy_ce": (1.0, F.cross_entropy(proxy_logits, batch.labels)),
             "nckd": (
-                self.params.w_kd,
+                self.w_kd,
                 non_target_kd(teacher_logits, proxy_logits, batch.labels, t),
             ),
         }

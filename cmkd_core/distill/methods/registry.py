@@ -1,4 +1,8 @@
-"""A decorator registry of distillation methods: ``create_method(name, params, bank)``."""
+"""A decorator registry of distillation methods: ``create_method(name, params, bank)``.
+
+Nothing here reads params: each method takes its settings from them
+(:meth:`~cmkd_core.distill.methods.base.Method.from_params`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cmkd_core.bank import TeacherBank
-    from cmkd_core.config import DistillParams
     from cmkd_core.distill.methods.base import Method
 
 _METHODS: dict[str, type[Method]] = {}
@@ -37,6 +40,7 @@ def method_class(name: str) -> type[Method]:
     return _METHODS[name]
 
 
-def create_method(name: str, params: DistillParams, bank: TeacherBank | None = None) -> Method:
-    """Build method ``name`` configured by ``params`` with the teacher ``bank``."""
-    return method_class(name)(params, bank)
+def create_method(name: str, params, bank: TeacherBank | None = None) -> Method:
+    """Build method ``name`` configured by distill ``params`` (``DistillParams``) with the
+    teacher ``bank``."""
+    return method_class(name).from_params(params, bank)

@@ -29,8 +29,13 @@ import torch.nn.functional as F
 from cmkd_core.align import balanced_assignment
 from cmkd_core.align.similarity import class_means
 from cmkd_core.bank import TeacherBank
-from cmkd_core.config import DistillParams
-from cmkd_core.distill.methods.base import Batch, Method, ramp_weight, soft_cross_entropy
+from cmkd_core.distill.methods.base import (
+    Batch,
+    Method,
+    SSLSettings,
+    ramp_weight,
+    soft_cross_entropy,
+)
 from cmkd_core.distill.methods.registry import register_method
 from cmkd_core.models import Classifier
 
@@ -64,25 +69,30 @@ class SinkhornSSL(Method):
     uses_unlabelled = True
     uses_views = True
 
-    def __init__(self, params: DistillParams, bank: TeacherBank | None = None):
-        super().__init__(params, bank)
+    def __init__(self, bank: TeacherBank | None = None, *, ssl: SSLSettings, **common):
+        """``ssl``: ``distill.ssl`` (weight, start, ramp, temperature, eps, iterations, center,
+        semantic, semantic_temperature)."""
+        super().__init__(bank, **common)
+        self.ssl = ssl
         assert bank is not None
-        prototypes, proportions = class_prototypes(bank, params.ssl.center)
+        prototypes, proportions = class_prototypes(bank, ssl.center)
         self.register_buffer("prototypes", prototypes)
         self.register_buffer("proportions", proportions)
-        self.register_buffer(
-            "semantics", class_semantics(prototypes, params.ssl.semantic_temperature)
-        )
+        self.register_buffer("semantics", class_semantics(prototypes, ssl.semantic_temperature))
+
+    @classmethod
+    def settings(cls, params) -> dict:
+        return {**super().settings(params), "ssl": params.ssl}
 
     def prototype_logits(self, model: Classifier, features: torch.Tensor) -> torch.Tensor:
         """``cos(P f, mu_c) / temperature`` ``(B, C)`` for student features ``(B, d_S)``."""
         projected = F.normalize(model.projector(features).float(), dim=1)
-        return projected @ self.prototypes.T / self.params.ssl.temperature
+        return projected @ self.prototypes.T / self.ssl.temperature
 
     def extra(self, model: Classifier, batch: Batch, features, logits):
         proto = F.cross_entropy(self.prototype_logits(model, features), batch.labels)
         terms = {"proto_ce": (1.0, proto)}
-        ssl = self.params.ssl
+        ssl = self.ssl
         if ssl.semantic > 0:
             semantic = soft_cross_entropy(logits, self.semantics[batch.labels])
             terms["semantic"] = (ssl.semantic, semantic)

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from cmkd_core.align import label_alignment
 from cmkd_core.bank import TeacherBank
-from cmkd_core.config import DistillParams
-from cmkd_core.distill.methods.base import Batch, Method, kd_divergence
+from cmkd_core.distill.methods.base import Batch, FAWeighted, KDMethod, Method, kd_divergence
 from cmkd_core.distill.methods.registry import register_method
 from cmkd_core.models import Classifier
 
@@ -23,69 +22,79 @@ class CrossEntropy(Method):
 
 
 @register_method("fa")
-class FeatureAlignment(Method):
+class FeatureAlignment(FAWeighted):
     """CE + w_fa * FA (entropic OT between projected student and teacher features)."""
 
     aligns_features = True
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
-        return {
-            "fa": (self.params.w_fa, self.fa(model, features, batch.teacher_features, batch.labels))
-        }
+        return {"fa": (self.w_fa, self.fa(model, features, batch.teacher_features, batch.labels))}
 
 
 @register_method("la")
 class LabelAlignment(Method):
     """CE + w_la * LA (the teacher's frozen head on the projected student features)."""
 
+    def __init__(
+        self,
+        bank: TeacherBank | None = None,
+        *,
+        w_la: float = 1.0,
+        la_form: str = "aligned",
+        **common,
+    ):
+        super().__init__(bank, **common)
+        self.w_la, self.la_form = w_la, la_form
+
+    @classmethod
+    def settings(cls, params) -> dict:
+        return {**super().settings(params), "w_la": params.w_la, "la_form": params.la_form}
+
     def la(self, model: Classifier, batch: Batch, features, logits) -> torch.Tensor:
         z = self.teacher_head(model.projector(features))
-        return label_alignment(logits, z, batch.labels, self.params.la_form)
+        return label_alignment(logits, z, batch.labels, self.la_form)
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
-        return {"la": (self.params.w_la, self.la(model, batch, features, logits))}
+        return {"la": (self.w_la, self.la(model, batch, features, logits))}
 
 
 @register_method("joint")
-class Joint(LabelAlignment):
+class Joint(LabelAlignment, FAWeighted):
     """The paper's joint scheme: CE + w_fa * FA + w_la * LA, one step per batch."""
 
     aligns_features = True
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
         return {
-            "fa": (
-                self.params.w_fa,
-                self.fa(model, features, batch.teacher_features, batch.labels),
-            ),
-            "la": (self.params.w_la, self.la(model, batch, features, logits)),
+            "fa": (self.w_fa, self.fa(model, features, batch.teacher_features, batch.labels)),
+            "la": (self.w_la, self.la(model, batch, features, logits)),
         }
 
 
 @register_method("prototype_kd")
-class PrototypeKD(Method):
+class PrototypeKD(KDMethod):
     """Baseline: distil the teacher's class-mean soft labels (no pairs needed).
 
     For class ``c`` the target is the mean of ``softmax(head_T(f_T) / T)`` over the bank's
     train rows of class ``c``; the student matches it with Hinton's KD loss.
     """
 
-    def __init__(self, params: DistillParams, bank: TeacherBank | None = None):
-        super().__init__(params, bank)
+    def __init__(self, bank: TeacherBank | None = None, **settings):
+        super().__init__(bank, **settings)
         assert bank is not None and self.teacher_head is not None
         keep = bank.split("train")
         with torch.no_grad():
-            probs = F.softmax(self.teacher_head(bank.features[keep]) / params.kd_temperature, 1)
+            probs = F.softmax(self.teacher_head(bank.features[keep]) / self.kd_temperature, 1)
         sums = torch.zeros(len(bank.classes), probs.shape[1]).index_add_(
             0, bank.labels[keep], probs
         )
         self.register_buffer("prototypes", sums / sums.sum(1, keepdim=True))
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
-        t = self.params.kd_temperature
+        t = self.kd_temperature
         target = self.prototypes[batch.labels]
         kd = F.kl_div(F.log_softmax(logits / t, 1), target, reduction="batchmean") * t * t
-        return {"kd": (self.params.w_kd, kd)}
+        return {"kd": (self.w_kd, kd)}
 
 
 def _gaussian_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -100,18 +109,14 @@ def _gaussian_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("mmd")
-class MMDAlignment(Method):
+class MMDAlignment(FAWeighted):
     """Baseline: CE + w_fa * MMD between projected student and class-matched teacher features."""
 
     aligns_features = False
 
     def extra(self, model: Classifier, batch: Batch, features, logits) -> Terms:
-        return {
-            "mmd": (
-                self.params.w_fa,
-                _gaussian_mmd(model.projector(features), batch.teacher_features),
-            )
-        }
+        mmd = _gaussian_mmd(model.projector(features), batch.teacher_features)
+        return {"mmd": (self.w_fa, mmd)}
 
 
 __all__ = ["kd_divergence"]
