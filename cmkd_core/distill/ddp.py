@@ -56,9 +56,9 @@ from torch import nn
 
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DistillParams
-from cmkd_core.data.augment import Augment, Views
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.tensors import Samples
+from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.methods import Method, MethodError
 from cmkd_core.distill.recipes import Fitted, fit_student
 from cmkd_core.distill.train import TrainResult, TrainSettings, train_classifier
@@ -211,26 +211,22 @@ def broadcast_state(modules: Iterable[nn.Module], src: int = 0, group: Group = N
 def train_classifier_ddp(
     model: Classifier,
     method: Method,
-    train: Samples,
+    batches: BatchSource,
     val: Samples,
     settings: TrainSettings,
     *,
-    bank: TeacherBank | None = None,
-    pairing: str = "unpaired",
-    unlabelled: Samples | None = None,
-    augment: Augment | None = None,
-    views: Views | None = None,
     desc: str = "train",
     group: Group = None,
 ) -> TrainResult:
     """:func:`~cmkd_core.distill.train.train_classifier` over the ranks of an initialised
     process group, equal to one process with global batch ``settings.batch_size``.
 
-    Every rank passes the same arguments (the full ``train`` and ``val`` samples, on its own
-    device); ``settings.batch_size`` is the global batch and must be a multiple of the world
-    size. Rank 0's weights are broadcast first; every rank ends with the same weights (those of
-    the best validation epoch, in ``model``) and returns the same result. Only rank 0 shows
-    progress. Raises :class:`DistributedSetupError` or :class:`MethodError` before training.
+    Every rank passes the same arguments (``batches`` over the full training samples and the
+    full ``val`` samples, on its own device); ``settings.batch_size`` is the global batch and
+    must be a multiple of the world size. Rank 0's weights are broadcast first; every rank
+    ends with the same weights (those of the best validation epoch, in ``model``) and returns
+    the same result. Only rank 0 shows progress. Raises :class:`DistributedSetupError` or
+    :class:`MethodError` before training.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise DistributedSetupError(
@@ -239,7 +235,7 @@ def train_classifier_ddp(
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_global_batch(settings.batch_size, world)
-    if type(method).forward is not Method.forward or views is not None:
+    if type(method).forward is not Method.forward or batches.views is not None:
         raise MethodError(
             f"method {method.name!r} runs its own optimisation inside a step and has no "
             "data-parallel form here; train it in a single process"
@@ -254,14 +250,9 @@ def train_classifier_ddp(
         return train_classifier(
             sharded,  # type: ignore[arg-type]  (duck-types Classifier for the method)
             method,
-            train,
+            batches,
             val,
             settings,
-            bank=bank,
-            pairing=pairing,
-            unlabelled=unlabelled,
-            augment=augment,
-            views=views,
             desc=desc,
         )
 

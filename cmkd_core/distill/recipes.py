@@ -18,6 +18,7 @@ from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.presets import domain_shift, preset
 from cmkd_core.data.tensors import Samples, samples_of, training_frames
 from cmkd_core.distill.auto import resolve
+from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.methods import create_method, method_class
 from cmkd_core.distill.train import TrainResult, TrainSettings, seed_everything, train_classifier
 from cmkd_core.models import Classifier
@@ -107,7 +108,8 @@ def fit_teacher(
         **_checkpoint_settings(checkpoint),
     )
     model = new_model(spec, data["train"], device, params.seed)
-    result = train_classifier(model, method, data["train"], data["val"], settings, desc="teacher")
+    batches = BatchSource(data["train"], method, settings)
+    result = train_classifier(model, method, batches, data["val"], settings, desc="teacher")
     return Fitted(model, spec, result), data
 
 
@@ -181,11 +183,10 @@ def fit_student(
         amp=params.amp == "bf16" or (params.amp == "auto" and torch.device(device).type == "cuda"),
         **_checkpoint_settings(checkpoint),
     )
-    result = trainer(
-        model,
-        create_method(method, params, bank),
+    learner = create_method(method, params, bank)
+    batches = BatchSource(
         data["train"],
-        data["val"],
+        learner,
         settings,
         bank=bank,
         pairing=params.pairing,
@@ -194,4 +195,5 @@ def fit_student(
         views=views,
         desc=name,
     )
+    result = trainer(model, learner, batches, data["val"], settings, desc=name)
     return Fitted(model, spec, result), data

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from cmkd_core.bank import TeacherBank
-from cmkd_core.data.augment import Augment, Views
 from cmkd_core.data.contract import SPLITS, ModalityDataset
-from cmkd_core.data.samplers import ClassMatchedSampler, epoch_batches
 from cmkd_core.data.tensors import Samples, samples_of
+from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.loop import BestCheckpoint, Callback, ProgressBar, fit, warmup_cosine
-from cmkd_core.distill.methods import Batch, Method, MethodError
+from cmkd_core.distill.methods import Method
 from cmkd_core.distill.resume import ResumeCheckpoint
 from cmkd_core.models import Classifier
 
@@ -63,28 +61,6 @@ class TrainSettings:
     in ``epochs`` equal rounds (an evaluation after each)."""
 
 
-def steps_per_round(n: int, settings: TrainSettings) -> int:
-    """Optimiser steps between two evaluations for ``n`` training samples: one pass over them,
-    or more passes when ``settings.min_steps`` asks for more steps than ``epochs`` passes."""
-    per_pass = len(list(epoch_batches(n, settings.batch_size, torch.Generator())))
-    return max(per_pass, math.ceil(settings.min_steps / settings.epochs))
-
-
-def round_batches(
-    n: int, batch_size: int, steps: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """``steps`` index batches from consecutive shuffled passes over ``range(n)`` (see
-    :func:`epoch_batches`); what is left of the last pass is dropped, so a round depends only on
-    the generator's state at its start (a resumed run draws the same batches)."""
-    done = 0
-    while done < steps:
-        for index in epoch_batches(n, batch_size, generator):
-            yield index
-            done += 1
-            if done == steps:
-                return
-
-
 @dataclass
 class TrainResult:
     """Per-epoch records and the selected (best validation accuracy) epoch."""
@@ -124,85 +100,23 @@ def predict_features(model: Classifier, samples: Samples, batch_size: int = 512)
 def train_classifier(
     model: Classifier,
     method: Method,
-    train: Samples,
+    batches: BatchSource,
     val: Samples,
     settings: TrainSettings,
     *,
-    bank: TeacherBank | None = None,
-    pairing: str = "unpaired",
-    unlabelled: Samples | None = None,
-    augment: Augment | None = None,
-    views: Views | None = None,
     desc: str = "train",
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
-    """Train ``model`` on ``train`` with ``method``, select on ``val`` accuracy.
+    """Train ``model`` with ``method`` on the rounds of ``batches`` (built with the same
+    ``settings``), select on ``val`` accuracy.
 
-    When the method needs the teacher, each batch gets teacher-bank rows: class-matched rows of
-    the bank's train split (``pairing="unpaired"``) or each sample's own pair (``"paired"``,
-    needs ``train.pair_index``). The teacher itself never runs. With ``unlabelled`` samples,
-    each batch also carries unlabelled student inputs and bank rows drawn in the bank's class
-    proportions (paired: their own pairs), as the weak and strong ``views`` of them when
-    given. ``augment`` transforms the labelled training inputs of each batch; ``callbacks``
-    run after each round, after the built-in ones. The model
-    ends at the weights of its best validation epoch; tensors must be on the model's device.
+    ``callbacks`` run after each round, after the built-in ones (the best-epoch keeper, the
+    resume checkpoint with ``settings.checkpoint``, the progress bar). The model ends at the
+    weights of its best validation epoch; tensors must be on the model's device.
     """
     device = next(model.parameters()).device
     method.to(device)
-    generator = torch.Generator().manual_seed(settings.seed)
-    if method.needs_pairs and pairing != "paired":
-        raise MethodError(
-            f"method {method.name!r} needs instance pairs and refuses unpaired data; "
-            "use it with pairing 'paired' on a dataset whose manifest has a 'pair' column"
-        )
-    if pairing == "paired" and train.pair_index is None:
-        raise MethodError(f"{desc}: pairing 'paired' but the training samples carry no pair keys")
-    sampler, bank_features, bank_train = None, None, None
-    if method.needs_teacher:
-        if bank is None:
-            raise MethodError(f"{desc}: method {method.name!r} needs a teacher bank")
-        bank_features = bank.features.to(device)
-        bank_train = torch.nonzero(bank.split("train")).flatten()
-        sampler = ClassMatchedSampler(bank.labels[bank_train], len(bank.classes))
-
-    use_unlabelled = unlabelled is not None and len(unlabelled) > 1
-    use_unlabelled = use_unlabelled and (sampler is not None or method.uses_unlabelled)
-    if (
-        use_unlabelled
-        and pairing == "paired"
-        and sampler is not None
-        and unlabelled.pair_index is None
-    ):
-        raise MethodError(f"{desc}: pairing 'paired' but the unlabelled samples have no pairs")
-    per_round = steps_per_round(len(train), settings)
-
-    def batches(epoch: int) -> Iterator[Batch]:
-        rounds = round_batches(len(train), settings.batch_size, per_round, generator)
-        for i, index in enumerate(rounds):
-            inputs, labels = train.take(index)
-            if augment is not None:
-                inputs = augment(inputs, generator)
-            batch = Batch(inputs, labels, step=(epoch - 1) * per_round + i)
-            if sampler is not None:
-                if pairing == "paired":
-                    rows = train.pair_index[index.to(train.labels.device)]
-                else:
-                    rows = bank_train[sampler.draw(labels.cpu(), generator)]
-                batch.teacher_features = bank_features[rows.to(device)]
-            if use_unlabelled:
-                size = min(len(unlabelled), settings.unlabelled_batch_size)
-                pick = torch.randperm(len(unlabelled), generator=generator)[:size]
-                plain = unlabelled.take(pick)[0]
-                batch.unlabelled = plain if views is None else views.weak(plain, generator)
-                if views is not None:
-                    batch.unlabelled_strong = views.strong(plain, generator)
-                if sampler is not None and pairing == "paired":
-                    rows = unlabelled.pair_index[pick.to(unlabelled.labels.device)]
-                    batch.unlabelled_teacher = bank_features[rows.to(device)]
-                elif sampler is not None:
-                    drawn = torch.randint(len(bank_train), (size,), generator=generator)
-                    batch.unlabelled_teacher = bank_features[bank_train[drawn].to(device)]
-            yield batch
+    per_round, generator = batches.per_round, batches.generator
 
     def validate() -> dict[str, float]:
         logits = predict_logits(model, val)

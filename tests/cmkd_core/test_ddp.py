@@ -19,9 +19,9 @@ from torch import nn
 from cmkd_core.bank import load_bank, save_bank
 from cmkd_core.config import DistillParams
 from cmkd_core.data import check_pair
-from cmkd_core.data.samplers import ClassMatchedSampler
 from cmkd_core.data.tensors import samples_of
 from cmkd_core.distill import TrainSettings, extract_bank, train_classifier
+from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.ddp import (
     DistributedSetupError,
     ShardedClassifier,
@@ -76,22 +76,23 @@ def _setup(root: Path, bank_path: Path, name: str, settings: TrainSettings = SET
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     method = create_method(name, PARAMS, bank)
-    args = (model, method, data["train"], data["val"], settings)
-    return args, {"bank": bank, "unlabelled": unlabelled, "desc": name}
+    batches = BatchSource(data["train"], method, settings, bank=bank, unlabelled=unlabelled)
+    args = (model, method, batches, data["val"], settings)
+    return args, {"desc": name}
 
 
 def _one_batch(args, extra) -> Batch:
     """A fixed global batch: 32 labelled clips, class-matched bank rows, 25 unlabelled clips."""
-    _, _, train, _, _ = args
-    bank, unlabelled = extra["bank"], extra["unlabelled"]
+    batches = args[2]  # of a method with a teacher: its bank rows and class-matched sampler
+    train, unlabelled = batches.train, batches.unlabelled
+    features, bank_train = batches.bank_features, batches.bank_train
     gen = torch.Generator().manual_seed(3)
     index = torch.randperm(len(train), generator=gen)[:32]
     inputs, labels = train.take(index)
-    bank_train = torch.nonzero(bank.split("train")).flatten()
-    rows = bank_train[ClassMatchedSampler(bank.labels[bank_train], 10).draw(labels, gen)]
-    batch = Batch(inputs, labels, bank.features[rows])
+    rows = bank_train[batches.sampler.draw(labels, gen)]
+    batch = Batch(inputs, labels, features[rows])
     batch.unlabelled = unlabelled.take(torch.randperm(len(unlabelled), generator=gen)[:25])[0]
-    batch.unlabelled_teacher = bank.features[bank_train[:25]]
+    batch.unlabelled_teacher = features[bank_train[:25]]
     return batch
 
 

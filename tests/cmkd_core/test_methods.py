@@ -15,6 +15,7 @@ from cmkd_core.config import DistillParams
 from cmkd_core.data.presets import domain_shift, preset
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill import TrainSettings, train_classifier
+from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.methods import Batch, MethodError, create_method, list_methods, method_class
 from cmkd_core.models import Classifier, create_model
 
@@ -134,13 +135,12 @@ def test_paired_only_methods_refuse_unpaired_data(name):
     with pytest.raises(
         MethodError, match=f"method '{name}' needs instance pairs and refuses unpaired"
     ):
-        train_classifier(_student(), method, train, train, settings, bank=bank, pairing="unpaired")
+        BatchSource(train, method, settings, bank=bank, pairing="unpaired")
     with pytest.raises(MethodError, match="training samples carry no pair keys"):
-        train_classifier(_student(), method, train, train, settings, bank=bank, pairing="paired")
+        BatchSource(train, method, settings, bank=bank, pairing="paired")
     train.pair_index = torch.arange(16)
-    result = train_classifier(
-        _student(), method, train, train, settings, bank=bank, pairing="paired"
-    )
+    batches = BatchSource(train, method, settings, bank=bank, pairing="paired")
+    result = train_classifier(_student(), method, batches, train, settings)
     assert result.best_epoch == 1
 
 

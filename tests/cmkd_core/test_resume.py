@@ -11,6 +11,7 @@ import torch
 
 from cmkd_core.data import check_pair
 from cmkd_core.distill import TrainSettings, train_classifier
+from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.loop import Callback
 from cmkd_core.distill.methods import create_method
 from cmkd_core.distill.recipes import fit_teacher, new_model, split_samples, student_spec
@@ -55,12 +56,13 @@ def _run(parts, settings: TrainSettings, stop: int | None = None):
     model = new_model(student_spec(student, bank, params), data["train"], "cpu", params.seed)
     method = create_method("joint", params, bank)
     torch.manual_seed(123)  # the global stream (dropout) as a fresh process would leave it
-    args = (model, method, data["train"], data["val"], settings)
+    batches = BatchSource(data["train"], method, settings, bank=bank)
+    args = (model, method, batches, data["val"], settings)
     if stop is not None:
         with pytest.raises(InterruptError):
-            train_classifier(*args, bank=bank, callbacks=[StopAfter(stop)])
+            train_classifier(*args, callbacks=[StopAfter(stop)])
         return None
-    result = train_classifier(*args, bank=bank)
+    result = train_classifier(*args)
     return result, model.state_dict()
 
 

@@ -15,10 +15,11 @@ from cmkd_core.config import DistillParams
 from cmkd_core.data.augment import input_kind, make_view, views_for
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill import TrainSettings, train_classifier
-from cmkd_core.distill.auto import VARIANTS, candidates, choose, resolve
+from cmkd_core.distill.auto import VARIANTS, candidates, choose
+from cmkd_core.distill.batches import BatchSource, round_batches, steps_per_round
 from cmkd_core.distill.methods import Batch, MethodError, create_method
 from cmkd_core.distill.methods.sinkhorn_ssl import class_prototypes
-from cmkd_core.distill.train import round_batches, steps_per_round
+from cmkd_core.distill.recipes import resolve
 from cmkd_core.models import Classifier, create_model
 
 C, D_T = 4, 12
@@ -165,13 +166,11 @@ def test_paired_methods_take_their_teacher_term_over_unlabelled_pairs(name):
 
     method.extra = spy
     settings = TrainSettings(1, 8, 1e-3, 0.0, 0, 0, progress=False)
-    run = functools.partial(
-        train_classifier, _student(), method, train, train, settings, bank=bank, pairing="paired"
-    )
+    source = functools.partial(BatchSource, train, method, settings, bank=bank, pairing="paired")
     with pytest.raises(MethodError, match="unlabelled samples have no pairs"):
-        run(unlabelled=unlabelled)
+        source(unlabelled=unlabelled)
     unlabelled.pair_index = torch.arange(40, 50)
-    run(unlabelled=unlabelled)
+    train_classifier(_student(), method, source(unlabelled=unlabelled), train, settings)
     assert seen == [10, 10]
 
 
@@ -188,7 +187,7 @@ def test_step_budget_does_not_shrink_with_the_labelled_set():
     real = method.forward
     method.forward = lambda model, batch: (steps.append(batch.step), real(model, batch))[1]
     small = TrainSettings(3, 64, 1e-3, 0.0, 0, 0, progress=False, min_steps=12)
-    train_classifier(_student(), method, train, train, small)
+    train_classifier(_student(), method, BatchSource(train, method, small), train, small)
     assert steps == list(range(12))
 
 
