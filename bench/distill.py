@@ -42,7 +42,7 @@ from cmkd_core.data.samplers import ClassMatchedSampler  # noqa: E402
 from cmkd_core.data.tensors import samples_of  # noqa: E402
 from cmkd_core.distill.loop import train_step, warmup_cosine  # noqa: E402
 from cmkd_core.distill.methods import Batch, create_method  # noqa: E402
-from cmkd_core.distill.recipes import new_model, student_spec  # noqa: E402
+from cmkd_core.recipes import new_model, student_spec  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -41,9 +41,9 @@ from cmkd_core.data.tensors import samples_of
 from cmkd_core.distill import extract_bank
 from cmkd_core.distill.loop import train_step
 from cmkd_core.distill.methods import Batch, create_method
-from cmkd_core.distill.recipes import new_model, student_spec
 from cmkd_core.models import Classifier
 from cmkd_core.models.encoders import ImageCNN
+from cmkd_core.recipes import new_model, student_spec
 
 warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
 

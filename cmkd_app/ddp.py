@@ -3,7 +3,8 @@
 Every process reads ``params.yaml``, the bank (``data/teacher/bank.safetensors``) and the
 prepared student data (``data/prepared/student``) of ``--root``, exactly as the ``distill``
 stage does, and trains one student together with the others
-(:func:`cmkd_core.distill.ddp.fit_student_ddp`): ``distill.batch_size`` is the global batch,
+(:func:`cmkd_core.recipes.fit_student` with
+:func:`cmkd_core.distill.ddp.train_classifier_ddp`): ``distill.batch_size`` is the global batch,
 so the result equals the single-process stage up to float rounding (dropout aside). Backend
 gloo on the CPU, nccl with one GPU per process when CUDA is there and ``distill.device`` allows
 it. Rank 0 writes the student and its history where the stage writes them
@@ -30,7 +31,8 @@ from cmkd_core.bank import load_bank
 from cmkd_core.config import load_params
 from cmkd_core.data import check_dataset
 from cmkd_core.distill import resolve_device
-from cmkd_core.distill.ddp import fit_student_ddp
+from cmkd_core.distill.ddp import train_classifier_ddp
+from cmkd_core.recipes import fit_student
 from tasks.layout import Layout
 from tasks.train import write_student
 
@@ -81,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bank = load_bank(layout.bank)
         dataset = check_dataset(layout.student_data, classes=bank.classes)
-        fitted, _ = fit_student_ddp(dataset, bank, params, method, device, not args.quiet)
+        # the same data preparation on every rank; distill.batch_size is the global batch
+        trainer = train_classifier_ddp
+        fitted, _ = fit_student(dataset, bank, params, method, device, not args.quiet, trainer)
         if rank == 0:
             out = args.out or layout.student_weights(method)
             history = args.history or layout.history(method)

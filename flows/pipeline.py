@@ -29,6 +29,7 @@ from pathlib import Path
 from prefect import flow, get_client, get_run_logger
 from prefect.runtime import flow_run
 
+from cmkd_core.config import load_params
 from cmkd_core.data import write_text_atomic
 from flows.stages import STAGES, run_stage
 from tasks.dvc import clear_unfinished, pull, push, reproduce_stage, stale_stages
@@ -122,9 +123,11 @@ def pipeline(root: str = ".") -> dict:
     """Pull, reproduce every stale stage of ``dvc.yaml`` in order, push, record the run.
 
     Returns the evaluation metrics, where the ONNX student is, which stages were stale and
-    which ran (``nothing_to_do`` when none was), and the run record's path.
+    which ran (``nothing_to_do`` when none was), and the run record's path. Bad params
+    (``ParamsError``: an unknown method, a typo in a key) stop it before any stage runs.
     """
     root_path = Path(root).resolve()
+    load_params(Layout(root_path).params)
     logger = get_run_logger()
     run = {"name": str(flow_run.name or "local"), "id": str(flow_run.id or "")}
     record: dict = {"flow_run": run["name"], "flow_run_id": run["id"]}

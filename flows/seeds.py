@@ -27,7 +27,7 @@ from cmkd_core.bank import load_bank
 from cmkd_core.config import load_params
 from cmkd_core.data import check_dataset, write_text_atomic
 from cmkd_core.distill import accuracy_of, resolve_device
-from cmkd_core.distill.recipes import fit_student
+from cmkd_core.recipes import fit_student
 from tasks.layout import Layout
 
 

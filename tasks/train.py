@@ -20,9 +20,9 @@ from cmkd_core.data import (
 )
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.auto import candidates, choose, students_of
-from cmkd_core.distill.recipes import Fitted, fit_student, fit_teacher
 from cmkd_core.distill.resume import saved_epoch
 from cmkd_core.models.checkpoint import load_classifier, save_classifier
+from cmkd_core.recipes import Fitted, fit_student, fit_teacher
 from cmkd_core.teachers import (
     bank_from_embeddings,
     bank_from_module,

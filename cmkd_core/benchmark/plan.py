@@ -30,8 +30,8 @@ from cmkd_core.data.fsdd import default_student
 from cmkd_core.distill import accuracy_of, extract_bank, predict_logits
 from cmkd_core.distill.auto import base_method
 from cmkd_core.distill.methods import method_class
-from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.metrics import classification_report
+from cmkd_core.recipes import fit_student, fit_teacher
 from cmkd_core.teachers import bank_from_vectors
 
 PAIRS = ("digits->fsdd", "mnist->digits8x8", "mnist->mnist8x8", "text->fashion")

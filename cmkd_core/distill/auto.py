@@ -15,28 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cmkd_core.config import DistillParams
-from cmkd_core.distill.methods import method_class
-
 VARIANTS: dict[str, tuple[str, dict]] = {
     "joint_w0.1": ("joint", {"w_fa": 0.1, "w_la": 0.1}),
     "sinkhorn_ssl_sem": ("sinkhorn_ssl", {"ssl": {"semantic": 0.3}}),
 }
 BASELINE = "ce"
-
-
-def resolve(name: str, params: DistillParams) -> tuple[str, DistillParams]:
-    """The registered method behind ``name`` and the params it trains with (a variant's
-    overrides applied); an unknown name raises ``KeyError`` listing the valid ones."""
-    if name in VARIANTS:
-        method, overrides = VARIANTS[name]
-        update = {  # a nested section (ssl, ot) keeps its other values
-            key: getattr(params, key).model_copy(update=value) if isinstance(value, dict) else value
-            for key, value in overrides.items()
-        }
-        return method, params.model_copy(update=update)
-    method_class(name)  # raises with the list of registered methods
-    return name, params
 
 
 def base_method(name: str) -> str:

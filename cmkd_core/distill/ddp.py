@@ -46,7 +46,6 @@ the student and is refused.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
@@ -54,13 +53,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cmkd_core.bank import TeacherBank
-from cmkd_core.config import DistillParams
-from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.methods import Method, MethodError
-from cmkd_core.distill.recipes import Fitted, fit_student
 from cmkd_core.distill.train import TrainResult, TrainSettings, train_classifier
 from cmkd_core.models import Classifier
 
@@ -255,18 +250,3 @@ def train_classifier_ddp(
             settings,
             desc=desc,
         )
-
-
-def fit_student_ddp(
-    dataset: ModalityDataset,
-    bank: TeacherBank,
-    params: DistillParams,
-    method: str,
-    device: torch.device,
-    progress: bool = True,
-    group: Group = None,
-) -> tuple[Fitted, dict[str, Samples]]:
-    """:func:`~cmkd_core.distill.recipes.fit_student` with :func:`train_classifier_ddp`: the
-    same data preparation on every rank; ``params.batch_size`` is the global batch."""
-    trainer = functools.partial(train_classifier_ddp, group=group)
-    return fit_student(dataset, bank, params, method, device, progress, trainer)

@@ -347,3 +347,13 @@ def test_a_stage_refuses_an_unknown_method_with_exit_2_before_any_work(
     error = json.loads((tmp_path / ".cmkd" / "last-error.json").read_text())
     assert error["exit"] == 2 and error["stage"] == "teacher"
     assert not (tmp_path / "data").exists()  # nothing trained, nothing written
+
+
+def test_the_pipeline_refuses_an_unknown_method_before_it_pulls_or_runs_a_stage(tmp_path):
+    from cmkd_core.config import ParamsError
+    from flows.pipeline import pipeline
+
+    (tmp_path / "params.yaml").write_text("distill:\n  method: joint_w0.01\n")
+    with pytest.raises(ParamsError, match=r"unknown method 'joint_w0\.01'.*valid: auto, ce, fa"):
+        pipeline.fn(str(tmp_path))  # the flow's body: no server, no DVC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing touched

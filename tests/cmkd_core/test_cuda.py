@@ -8,8 +8,8 @@ import torch
 
 from cmkd_core.data import check_pair
 from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
-from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.export import check_parity, export_onnx
+from cmkd_core.recipes import fit_student, fit_teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -31,7 +31,7 @@ from cmkd_core.distill.ddp import (
     train_classifier_ddp,
 )
 from cmkd_core.distill.methods import Batch, create_method
-from cmkd_core.distill.recipes import new_model, split_samples, student_spec
+from cmkd_core.recipes import new_model, split_samples, student_spec
 
 WORLD = 2
 METHODS = ("joint", "ce")

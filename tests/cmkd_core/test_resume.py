@@ -14,8 +14,8 @@ from cmkd_core.distill import TrainSettings, train_classifier
 from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.loop import Callback
 from cmkd_core.distill.methods import create_method
-from cmkd_core.distill.recipes import fit_teacher, new_model, split_samples, student_spec
 from cmkd_core.distill.resume import CheckpointError, ResumeCheckpoint
+from cmkd_core.recipes import fit_teacher, new_model, split_samples, student_spec
 
 SETTINGS = TrainSettings(
     epochs=4, batch_size=32, lr=3e-3, weight_decay=0.05, warmup_epochs=1, seed=0, progress=False

@@ -19,8 +19,8 @@ from cmkd_core.distill.auto import VARIANTS, candidates, choose
 from cmkd_core.distill.batches import BatchSource, round_batches, steps_per_round
 from cmkd_core.distill.methods import Batch, MethodError, create_method
 from cmkd_core.distill.methods.sinkhorn_ssl import class_prototypes
-from cmkd_core.distill.recipes import resolve
 from cmkd_core.models import Classifier, create_model
+from cmkd_core.recipes import resolve
 
 C, D_T = 4, 12
 LATE = DistillParams().ssl.start + DistillParams().ssl.ramp  # a step with the full weight

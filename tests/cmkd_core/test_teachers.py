@@ -14,7 +14,7 @@ from cmkd_app.cli import main
 from cmkd_core.bank import BankError, load_bank, save_bank
 from cmkd_core.data import check_dataset
 from cmkd_core.distill import accuracy_of
-from cmkd_core.distill.recipes import fit_teacher
+from cmkd_core.recipes import fit_teacher
 from cmkd_core.teachers import bank_from_onnx
 
 

@@ -12,8 +12,8 @@ import torch
 
 from cmkd_core.data import check_pair
 from cmkd_core.distill import extract_bank, predict_logits
-from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.export import ParityError, check_parity, export_onnx, onnx_logits
+from cmkd_core.recipes import fit_student, fit_teacher
 
 CPU = torch.device("cpu")
 

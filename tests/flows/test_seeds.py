@@ -16,7 +16,7 @@ from cmkd_app.cli import main
 from cmkd_core.bank import save_bank
 from cmkd_core.data import check_dataset
 from cmkd_core.distill import extract_bank
-from cmkd_core.distill.recipes import fit_teacher
+from cmkd_core.recipes import fit_teacher
 from flows.seeds import train_seed
 from tasks.layout import Layout
 

@@ -22,8 +22,8 @@ import pytest
 from cmkd_core.data import check_pair
 from cmkd_core.deploy import Limits
 from cmkd_core.distill import extract_bank
-from cmkd_core.distill.recipes import fit_student, fit_teacher
 from cmkd_core.export import export_onnx
+from cmkd_core.recipes import fit_student, fit_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = ["--max-batch", "8", "--max-length", "300", "--max-body-bytes", "400000"]

@@ -18,7 +18,7 @@ from conftest import cmkd, make_scratch_repo
 from scipy.io import wavfile
 
 from cmkd_core.data import check_dataset
-from cmkd_core.distill.recipes import fit_teacher
+from cmkd_core.recipes import fit_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ("low", "mid", "high")

@@ -17,7 +17,7 @@ from cmkd_core.data.augment import compose, input_kind, make_view, views_for
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.presets import domain_shift, preset
 from cmkd_core.data.tensors import Samples, samples_of, training_frames
-from cmkd_core.distill.auto import resolve
+from cmkd_core.distill.auto import VARIANTS
 from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.methods import create_method, method_class
 from cmkd_core.distill.train import TrainResult, TrainSettings, seed_everything, train_classifier
@@ -70,10 +70,26 @@ def student_spec(dataset: ModalityDataset, bank: TeacherBank, params: DistillPar
     }
 
 
-def _checkpoint_settings(checkpoint: tuple[str, str] | None) -> dict:
-    if checkpoint is None:
-        return {}
-    return {"checkpoint": str(checkpoint[0]), "checkpoint_key": checkpoint[1]}
+def train_settings(
+    params: TeacherParams | DistillParams,
+    progress: bool,
+    checkpoint: tuple[str, str] | None = None,
+    **more,
+) -> TrainSettings:
+    """The optimiser and schedule of a teacher or student run from its params section;
+    ``checkpoint`` = ``(path, key)``; ``more``: further :class:`TrainSettings` fields."""
+    if checkpoint is not None:
+        more.update(checkpoint=str(checkpoint[0]), checkpoint_key=checkpoint[1])
+    return TrainSettings(
+        params.epochs,
+        params.batch_size,
+        params.lr,
+        params.weight_decay,
+        params.warmup_epochs,
+        params.seed,
+        progress=progress,
+        **more,
+    )
 
 
 def fit_teacher(
@@ -96,21 +112,25 @@ def fit_teacher(
         "align_dim": None,
     }
     method = method_class("ce")(label_smoothing=params.label_smoothing)
-    settings = TrainSettings(
-        params.epochs,
-        params.batch_size,
-        params.lr,
-        params.weight_decay,
-        params.warmup_epochs,
-        params.seed,
-        None,
-        progress,
-        **_checkpoint_settings(checkpoint),
-    )
+    settings = train_settings(params, progress, checkpoint)
     model = new_model(spec, data["train"], device, params.seed)
     batches = BatchSource(data["train"], method, settings)
     result = train_classifier(model, method, batches, data["val"], settings, desc="teacher")
     return Fitted(model, spec, result), data
+
+
+def unlabelled_samples(
+    dataset: ModalityDataset, bank: TeacherBank, paired: bool, device: torch.device
+) -> Samples:
+    """The train samples outside ``labelled.csv``, on ``device``; ``paired``: with the bank
+    rows of their pairs (``pair_index``)."""
+    train = dataset.rows("train")
+    if dataset.labelled_ids is not None:
+        train = train[~train["id"].isin(dataset.labelled_ids)]
+    unlabelled = samples_of(dataset, train, bank.classes).to(device)
+    if paired and len(train):
+        unlabelled.pair_index = bank.rows_of(list(train["pair"]), str(dataset.root)).to(device)
+    return unlabelled
 
 
 def fit_student(
@@ -133,7 +153,7 @@ def fit_student(
     get them whenever there are some (with their pairs, when paired), as weak and strong views
     if they ask for views. ``params.augment`` picks the view of the labelled batches.
     ``trainer`` runs the training (the data-parallel one:
-    :func:`cmkd_core.distill.ddp.train_classifier_ddp`); ``checkpoint`` as for
+    :func:`~cmkd_core.distill.ddp.train_classifier_ddp`); ``checkpoint`` as for
     :func:`fit_teacher`.
     """
     name = method
@@ -151,12 +171,7 @@ def fit_student(
     bank = restrict_bank(bank, robustness, params.seed)
     unlabelled = None
     if params.unlabelled or cls.uses_unlabelled:
-        train = dataset.rows("train")
-        if dataset.labelled_ids is not None:
-            train = train[~train["id"].isin(dataset.labelled_ids)]
-        unlabelled = samples_of(dataset, train, bank.classes).to(device)
-        if params.pairing == "paired" and len(train):
-            unlabelled.pair_index = bank.rows_of(list(train["pair"]), str(dataset.root)).to(device)
+        unlabelled = unlabelled_samples(dataset, bank, params.pairing == "paired", device)
     spec = student_spec(dataset, bank, params)
     model = new_model(spec, data["train"], device, params.seed)
     kind = input_kind(data["train"].inputs)
@@ -169,19 +184,14 @@ def fit_student(
     )
     augment = compose(shift, view)
     views = views_for(kind, norm.mean, norm.std) if cls.uses_views else None
-    settings = TrainSettings(
-        params.epochs,
-        params.batch_size,
-        params.lr,
-        params.weight_decay,
-        params.warmup_epochs,
-        params.seed,
-        params.grad_clip,
+    settings = train_settings(
+        params,
         progress,
-        params.unlabelled_batch_size,
+        checkpoint,
+        grad_clip=params.grad_clip,
+        unlabelled_batch_size=params.unlabelled_batch_size,
         min_steps=params.min_steps,
         amp=params.amp == "bf16" or (params.amp == "auto" and torch.device(device).type == "cuda"),
-        **_checkpoint_settings(checkpoint),
     )
     learner = create_method(method, params, bank)
     batches = BatchSource(
@@ -197,3 +207,17 @@ def fit_student(
     )
     result = trainer(model, learner, batches, data["val"], settings, desc=name)
     return Fitted(model, spec, result), data
+
+
+def resolve(name: str, params: DistillParams) -> tuple[str, DistillParams]:
+    """The registered method behind ``name`` and the params it trains with (a variant's
+    overrides applied); an unknown name raises ``KeyError`` listing the valid ones."""
+    if name in VARIANTS:
+        method, overrides = VARIANTS[name]
+        update = {  # a nested section (ssl, ot) keeps its other values
+            key: getattr(params, key).model_copy(update=value) if isinstance(value, dict) else value
+            for key, value in overrides.items()
+        }
+        return method, params.model_copy(update=update)
+    method_class(name)  # raises with the list of registered methods
+    return name, params
