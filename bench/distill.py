@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from default_pair import setup  # noqa: E402
+from step_timing import sync  # noqa: E402
 
 from cmkd_core.data import write_text_atomic  # noqa: E402
 from cmkd_core.data.augment import input_kind, views_for  # noqa: E402
@@ -43,11 +44,6 @@ from cmkd_core.data.tensors import samples_of  # noqa: E402
 from cmkd_core.distill.loop import train_step, warmup_cosine  # noqa: E402
 from cmkd_core.distill.methods import Batch, create_method  # noqa: E402
 from cmkd_core.recipes import new_model, student_spec  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(method_name, params, student, bank, batch_size, steps, device, profile=False) -> dict:
@@ -83,10 +79,10 @@ def measure(method_name, params, student, bank, batch_size, steps, device, profi
     load = []
     batches = []
     for _ in range(steps + 3):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         batches.append(draw())
-        _sync(device)
+        sync(device)
         load.append(time.perf_counter() - start)
     model.train()
     clip = params.grad_clip
@@ -95,10 +91,10 @@ def measure(method_name, params, student, bank, batch_size, steps, device, profi
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i, batch in enumerate(batches):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         train_step(model, lambda b: method(model, b), batch, optimizer, scheduler, clip, amp)
-        _sync(device)
+        sync(device)
         if i >= 3:  # the first steps warm up allocators and kernels
             times.append(time.perf_counter() - start)
     samples = batch_size * (2 if views is not None else 1)

@@ -23,7 +23,6 @@ import json
 import math
 import multiprocessing as mp
 import resource
-import statistics
 import time
 import warnings
 from dataclasses import replace
@@ -31,94 +30,16 @@ from pathlib import Path
 
 import ot
 import torch
+from step_timing import Setup, median_ms, write
+from step_timing import table as markdown
 
 from cmkd_core.align import cost_matrix
 from cmkd_core.align.sinkhorn import sinkhorn_log
-from cmkd_core.bank import TeacherBank
-from cmkd_core.data import write_text_atomic
-from cmkd_core.data.samplers import ClassMatchedSampler
-from cmkd_core.data.tensors import samples_of
 from cmkd_core.distill import extract_bank
-from cmkd_core.distill.loop import train_step
-from cmkd_core.distill.methods import Batch, create_method
 from cmkd_core.models import Classifier
 from cmkd_core.models.encoders import ImageCNN
-from cmkd_core.recipes import new_model, student_spec
 
 warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(call, repeats: int, device: torch.device, warmup: int = 2) -> float:
-    """Median wall milliseconds of ``call()`` over ``repeats`` calls after ``warmup``."""
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-class Setup:
-    """A student, its optimiser and a batch drawer for ``method`` on ``device``."""
-
-    def __init__(self, params, student, bank: TeacherBank, method: str, device, batch_size: int):
-        self.params, self.device = params, device
-        self.train = samples_of(student, student.rows("train"), bank.classes).to(device)
-        self.model = new_model(student_spec(student, bank, params), self.train, device, 0)
-        self.method = create_method(method, params, bank).to(device)
-        weights = [p for p in [*self.model.parameters(), *self.method.parameters()]]
-        self.optimizer = torch.optim.AdamW(
-            [w for w in weights if w.requires_grad], lr=params.lr, weight_decay=params.weight_decay
-        )
-        self.bank_train = torch.nonzero(bank.split("train")).flatten()
-        self.sampler = ClassMatchedSampler(bank.labels[self.bank_train], len(bank.classes))
-        self.features = bank.features.to(device)
-        self.generator = torch.Generator().manual_seed(0)
-        self.batch_size = batch_size
-
-    def draw(self, teacher_rows=None) -> Batch:
-        """A batch of ``batch_size`` student clips and class-matched teacher rows (or what
-        ``teacher_rows(rows)`` makes of the bank row indices)."""
-        index = torch.randint(len(self.train), (self.batch_size,), generator=self.generator)
-        inputs, labels = self.train.take(index)
-        rows = self.bank_train[self.sampler.draw(labels.cpu(), self.generator)]
-        self.last_rows = rows
-        teacher = self.features[rows.to(self.device)] if teacher_rows is None else None
-        return Batch(inputs, labels, teacher if teacher_rows is None else teacher_rows(rows))
-
-    def step(self, batch: Batch) -> dict:
-        return train_step(
-            self.model,
-            lambda b: self.method(self.model, b),
-            batch,
-            self.optimizer,
-            None,
-            self.params.grad_clip,
-        )
-
-
-def _table(title: str, header: list[str], rows: list[list]) -> str:
-    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _write(out: Path, name: str, payload: dict, table: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")
-    write_text_atomic(out / f"{name}.md", table)
-    print(table, flush=True)
-
-
-# --- OT solvers -------------------------------------------------------------------------
 
 
 def _solver_calls(a: torch.Tensor, reg: float, it: int) -> dict:
@@ -197,7 +118,7 @@ def solvers(params, student, bank, device, out: Path, batches=(64, 256, 1024), r
                 r["iterations_used"],
             ]
         )
-    table = _table(
+    table = markdown(
         f"OT solvers: loss + backward to the features, {params.ot.num_iter} iterations at most, "
         f"cosine cost ({_device_label(device)})",
         [
@@ -213,7 +134,7 @@ def solvers(params, student, bank, device, out: Path, batches=(64, 256, 1024), r
         ],
         rows,
     )
-    _write(out, "distill-solvers", {"device": _device_label(device), "rows": results}, table)
+    write(out, "distill-solvers", {"device": _device_label(device), "rows": results}, table)
 
 
 # --- bank vs teacher forward ------------------------------------------------------------------
@@ -277,7 +198,7 @@ def teachers(params, teacher_ds, student, device, out: Path, size=256, steps=20)
         ]
         for r in results
     ]
-    table = _table(
+    table = markdown(
         f"Joint step at batch {size}: teacher rows from the bank vs a teacher forward per batch "
         f"({_device_label(device)})",
         [
@@ -293,7 +214,7 @@ def teachers(params, teacher_ds, student, device, out: Path, size=256, steps=20)
         ],
         rows,
     )
-    _write(out, "distill-teachers", {"device": _device_label(device), "rows": results}, table)
+    write(out, "distill-teachers", {"device": _device_label(device), "rows": results}, table)
 
 
 # --- scaling ---------------------------------------------------------------------------------
@@ -378,7 +299,7 @@ def scaling(params, device, out: Path, batches=(64, 256, 1024, 4096), dims=(32, 
                 "-" if r["iterations"] is None else r["iterations"],
             ]
         )
-    table = _table(
+    table = markdown(
         f"Step time and peak memory by batch size and teacher feature size "
         f"({_device_label(device)}; memory: "
         f"{'peak allocated' if device.type == 'cuda' else 'peak resident growth over setup'})",
@@ -394,7 +315,7 @@ def scaling(params, device, out: Path, batches=(64, 256, 1024, 4096), dims=(32, 
         ],
         rows,
     )
-    _write(out, f"distill-scaling-{device.type}", {"rows": results}, table)
+    write(out, f"distill-scaling-{device.type}", {"rows": results}, table)
 
 
 def _device_label(device: torch.device) -> str:

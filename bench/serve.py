@@ -38,7 +38,6 @@ from cmkd_core.data import read_dataset, write_text_atomic  # noqa: E402
 from cmkd_core.data.tensors import samples_of  # noqa: E402
 from cmkd_core.deploy import OnnxStudent  # noqa: E402
 from cmkd_core.models.checkpoint import load_classifier  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
 
 
 def median_ms(call, repeats: int) -> float:
@@ -115,17 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
-    layout = Layout(ROOT)
-    method = load_params(layout.params).distill.method
-    model, _, _ = load_classifier(layout.student_weights(method))
+    method = load_params(ROOT / "params.yaml").distill.method  # the pipeline's outputs (dvc.yaml)
+    model, _, _ = load_classifier(ROOT / "data" / "distill" / f"student_{method}.safetensors")
     model.eval()
-    dataset = read_dataset(layout.student_data)
+    dataset = read_dataset(ROOT / "data" / "prepared" / "student")
     test = samples_of(dataset, dataset.rows("test").iloc[:64])
     x64, lengths64 = (t.numpy() for t in test.inputs)
     clips = [x64[i, :n] for i, n in enumerate(lengths64)]
-    engines = {"torch eager": None, "onnxruntime float32": layout.onnx}
-    if layout.onnx_int8.is_file():
-        engines["onnxruntime int8"] = layout.onnx_int8
+    onnx, int8 = (
+        ROOT / "data" / "export" / "student.onnx",
+        ROOT / "data" / "export" / "student.int8.onnx",
+    )
+    engines = {"torch eager": None, "onnxruntime float32": onnx}
+    if int8.is_file():
+        engines["onnxruntime int8"] = int8
     table = []
     for batch in (1, 64):
         x, lengths = padded(clips[:batch])
@@ -145,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             repeats = args.repeats if batch == 1 else max(20, args.repeats // 4)
             table.append({"engine": name, "batch": batch, "median_ms": median_ms(call, repeats)})
             print(json.dumps(table[-1]), flush=True)
-    http = http_figures(layout.onnx, clips[0], args.requests, args.clients)
+    http = http_figures(onnx, clips[0], args.requests, args.clients)
     ort_b1 = next(r for r in table if r["engine"] == "onnxruntime float32" and r["batch"] == 1)
     eager_b1 = next(r for r in table if r["engine"] == "torch eager" and r["batch"] == 1)
     http["overhead_ms"] = http["http_median_ms"] - ort_b1["median_ms"]
     ratio = ort_b1["median_ms"] / eager_b1["median_ms"]
     lines = [
-        f"Machine: {torch.get_num_threads()} torch threads; model {layout.onnx}",
+        f"Machine: {torch.get_num_threads()} torch threads; model {onnx}",
         "",
         "| engine | batch | median latency ms |",
         "|---|---|---|",

@@ -54,9 +54,9 @@ def delegated(args: argparse.Namespace) -> int | None:
     except KeyboardInterrupt:  # Ctrl-C reached the pipeline too: it says so
         return 130
     if code is None:  # a bare `dvc repro`: the project's stage worker, if there is one
-        from cmkd_app import stage_worker
+        from cmkd_app import worker_client
 
-        code = stage_worker.delegate(args.name, args.root, args.argv)
+        code = worker_client.delegate(args.name, args.root, args.argv)
     return code
 
 

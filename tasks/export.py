@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from cmkd_core.config import Params
 from cmkd_core.data import check_dataset, sha256_file
 from cmkd_core.data.contract import ModalityDataset
-from cmkd_core.data.tensors import samples_of
+from cmkd_core.data.tensors import Samples, samples_of
 from cmkd_core.deploy import novelty
 from cmkd_core.export import (
     INT8_OPS,
@@ -86,6 +86,17 @@ def _input_check(dataset: ModalityDataset) -> dict:
     return novelty.fit(summaries("train"), summaries("val"), summaries("test"))
 
 
+def _inputs(test: Samples, meta) -> dict[str, str]:
+    """The card's description of each ONNX input: its dtype and shape, and what it holds."""
+    frames = (
+        f"float32 (batch, time, {meta.sample_shape[0]}): raw frames, zero-padded past each length"
+        if meta.kind == "sequence"
+        else f"float32 (batch, {', '.join(map(str, meta.sample_shape))})"
+    )
+    lengths = "int64 (batch,): number of valid frames per sample"
+    return dict(zip(input_names(test), [frames, lengths], strict=False))
+
+
 @task(name="export-student", cache_policy=NONE)
 def export_student(layout: Layout, params: Params) -> dict:
     """Export the distilled student; fail unless onnxruntime matches torch on the test split
@@ -133,20 +144,7 @@ def export_student(layout: Layout, params: Params) -> dict:
         "dataset": dataset.meta.name,
         "architecture": spec,
         "opset": onnx.load(str(layout.onnx), load_external_data=False).opset_import[0].version,
-        "inputs": {
-            name: desc
-            for name, desc in zip(
-                input_names(test),
-                [
-                    f"float32 (batch, time, {dataset.meta.sample_shape[0]}): raw frames, "
-                    "zero-padded past each length"
-                    if dataset.meta.kind == "sequence"
-                    else f"float32 (batch, {', '.join(map(str, dataset.meta.sample_shape))})",
-                    "int64 (batch,): number of valid frames per sample",
-                ],
-                strict=False,
-            )
-        },
+        "inputs": _inputs(test, dataset.meta),
         "outputs": {"logits": f"float32 (batch, {len(classes)}); softmax for probabilities"},
         "front_end": dataset.meta.extra.get("front_end"),
         **{k: v for k, v in dataset.meta.extra.items() if k == "speakers"},

@@ -121,6 +121,42 @@ def _reader(x: np.ndarray | NpyRows):
     return x.read if isinstance(x, NpyRows) else lambda i, j: x[i:j]
 
 
+def _copy_finite(
+    read,
+    target: Path,
+    shape: tuple[int, ...],
+    counts: np.ndarray,
+    lengths: np.ndarray | None,
+    chunk: int,
+    source: Path,
+) -> None:
+    """Copy the rows that ``read(i, j)`` returns into the float32 ``.npy`` file ``target``, in
+    blocks of at most 16 MB; raise :class:`DataContractError` naming the first non-finite
+    samples of ``source`` (rows, or samples and frames when ``lengths`` are given)."""
+    rows = int(counts.sum())
+    step = chunk if lengths is None else chunk * max(1, int(np.median(lengths)))
+    row_bytes = 4 * int(np.prod(shape, dtype=np.int64))
+    step = max(1, min(step, CHUNK_BYTES // max(1, row_bytes)))  # a block of <= 16 MB
+    ends = np.cumsum(counts)
+    shown: list[str] = []  # the first MAX_REPORTED non-finite samples, as rows to print
+    bad_samples, last = 0, -1
+    with NpyWriter(target, np.float32, (rows, *shape)) as target:
+        for start in range(0, rows, step):
+            block = np.asarray(read(start, start + step), dtype=np.float32)
+            bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]
+            if len(bad):  # rows are samples, or frames of the samples ``sample``
+                sample = np.searchsorted(ends, start + bad, "right")
+                first = np.concatenate([[sample[0] != last], sample[1:] != sample[:-1]])
+                room = MAX_REPORTED - len(shown)
+                for row, i in zip(start + bad[first][:room], sample[first][:room], strict=True):
+                    shown.append(str(row) if lengths is None else f"{i} (frame {row})")
+                bad_samples += int(first.sum())
+                last = int(sample[-1])
+            target.write(block)
+    if bad_samples:
+        raise DataContractError(finite_problems(source, shown, bad_samples))
+
+
 def import_arrays(
     arrays: str | Path,
     labels: str | Path,
@@ -189,28 +225,7 @@ def import_arrays(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        rows = int(counts.sum())
-        step = chunk if lengths is None else chunk * max(1, int(np.median(lengths)))
-        row_bytes = 4 * int(np.prod(shape, dtype=np.int64))
-        step = max(1, min(step, CHUNK_BYTES // max(1, row_bytes)))  # a block of <= 16 MB
-        ends = np.cumsum(counts)
-        shown: list[str] = []  # the first MAX_REPORTED non-finite samples, as rows to print
-        bad_samples, last = 0, -1
-        with NpyWriter(staging / SAMPLES, np.float32, (rows, *shape)) as target:
-            for start in range(0, rows, step):
-                block = np.asarray(read(start, start + step), dtype=np.float32)
-                bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]
-                if len(bad):  # rows are samples, or frames of the samples ``sample``
-                    sample = np.searchsorted(ends, start + bad, "right")
-                    first = np.concatenate([[sample[0] != last], sample[1:] != sample[:-1]])
-                    room = MAX_REPORTED - len(shown)
-                    for row, i in zip(start + bad[first][:room], sample[first][:room], strict=True):
-                        shown.append(str(row) if lengths is None else f"{i} (frame {row})")
-                    bad_samples += int(first.sum())
-                    last = int(sample[-1])
-                target.write(block)
-        if bad_samples:
-            raise DataContractError(finite_problems(arrays, shown, bad_samples))
+        _copy_finite(read, staging / SAMPLES, shape, counts, lengths, chunk, arrays)
         write_dataset(staging, meta, manifest, {}, labelled)
         try:
             check_dataset(staging)
