@@ -84,6 +84,16 @@ class DataParams(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     labelled_per_class: int | None = Field(10, ge=1)
     """Labelled student training samples per class; ``null`` labels the whole train split."""
+    unlabelled_classes: list[str] | int = Field(default_factory=list)
+    """Student classes with no labelled sample at all (their train samples stay unlabelled;
+    only the teacher knows them): a list of class names (``[3, 7]``), or how many to draw with
+    ``seed`` (cmkd_core/data/unseen.py). Empty: every class has labels."""
+
+    @field_validator("unlabelled_classes", mode="before")
+    @classmethod
+    def _class_names(cls, value):
+        """Class names as strings (YAML reads ``[3, 7]`` as integers)."""
+        return [str(v) for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _speakers(self) -> DataParams:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -21,6 +22,7 @@ from cmkd_core.data.contract import (
 )
 from cmkd_core.data.defaults import image_dataset, labelled_subset
 from cmkd_core.data.fsdd import default_student
+from cmkd_core.data.unseen import withhold
 from tasks.layout import Layout
 
 
@@ -44,6 +46,7 @@ def materialise_default_pair(layout: Layout, params: DataParams) -> dict[str, in
         params.val_speaker,
         params.test_speaker,
     )
+    meta, labelled = withhold(meta, manifest, labelled, params.unlabelled_classes, params.seed)
     write_dataset(layout.student_data, meta, manifest, arrays, labelled)
     counts = {
         "teacher_samples": teacher_samples,
@@ -86,11 +89,26 @@ def copy_imported_pair(
             )
             pd.DataFrame({"id": manifest.loc[mask, "id"]}).to_csv(staging / LABELLED, index=False)
             counts["student_labelled"] = int(mask.sum())
+        if role == "student" and params.unlabelled_classes:
+            counts["student_labelled"] = _withhold_copied(staging, params)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         counts[f"{role}_samples"] = len((target / "manifest.csv").read_text().splitlines()) - 1
     get_run_logger().info("imported %s", counts)
     return counts
+
+
+def _withhold_copied(folder: Path, params: DataParams) -> int:
+    """Leave the classes of ``data.unlabelled_classes`` without labels in the copied student
+    ``folder`` (its ``labelled.csv`` and ``dataset.json``); the labelled count left."""
+    dataset = read_dataset(folder)
+    labelled = sorted(dataset.labelled_ids or [])
+    meta, labelled = withhold(
+        dataset.meta, dataset.manifest, labelled, params.unlabelled_classes, params.seed
+    )
+    write_text_atomic(folder / "dataset.json", json.dumps(meta.to_json(), indent=2) + "\n")
+    write_text_atomic(folder / LABELLED, pd.DataFrame({"id": labelled}).to_csv(index=False))
+    return len(labelled)
 
 
 @task(name="embed-texts", cache_policy=NONE)

@@ -180,6 +180,11 @@ class ModalityDataset:
     def class_index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.meta.classes)}
 
+    @property
+    def unlabelled_classes(self) -> tuple[str, ...]:
+        """Classes declared to have no labelled sample (cmkd_core/data/unseen.py)."""
+        return tuple(self.meta.extra.get("unlabelled_classes", ()))
+
     def rows(self, split: str, labelled_only: bool = False) -> pd.DataFrame:
         """Manifest rows of one split; with ``labelled_only`` only ids in ``labelled.csv``."""
         rows = self.manifest[self.manifest["split"] == split]

@@ -208,12 +208,20 @@ def _labelled_problems(ds: ModalityDataset) -> list[Problem]:
         for i in sorted(ds.labelled_ids - train)
     ]
     if not problems:
-        labelled = ds.rows("train", labelled_only=True)
+        counts = ds.rows("train", labelled_only=True)["label"].value_counts()
+        declared = set(ds.unlabelled_classes)
+        for name in sorted(declared - set(ds.meta.classes)):
+            where_meta = str(ds.root / "dataset.json")
+            problems.append(
+                Problem(where_meta, "unlabelled_classes", "-", "is_class", f"{name!r} is no class")
+            )
         for name in ds.meta.classes:
-            if name not in set(labelled["label"]):
-                problems.append(
-                    Problem(where, "id", "-", "labelled_class", f"no labelled sample of {name!r}")
-                )
+            if name in declared and counts.get(name, 0):
+                detail = f"{counts[name]} labelled samples of {name!r}, declared unlabelled"
+                problems.append(Problem(where, "id", "-", "unlabelled_class", detail))
+            elif name not in declared and not counts.get(name, 0):
+                detail = f"no labelled sample of {name!r} (data.unlabelled_classes names such)"
+                problems.append(Problem(where, "id", "-", "labelled_class", detail))
     return problems
 
 
