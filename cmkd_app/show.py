@@ -38,10 +38,28 @@ def summary_text(metrics: dict, onnx: str) -> str:
             f"{ce['test_accuracy']:.4f}   macro-F1 {ce['test_macro_f1']:.4f}",
             f"  shipped vs CE-only on test: {gain:+.2f} points"
             f" ({student['labelled_train']} labelled student {samples})",
+            *unlabelled_lines(metrics),
             *geometry_line(metrics.get("class_similarity")),
             f"  ONNX student: {onnx}",
         ]
     )
+
+
+def unlabelled_lines(metrics: dict) -> list[str]:
+    """With classes that had no label: each student's test accuracy on the labelled classes,
+    on the unlabelled ones, and their harmonic mean H."""
+    if "unlabelled_classes" not in metrics:
+        return []
+    names = ", ".join(metrics["unlabelled_classes"])
+    lines = [f"  classes with no label in training ({names}), test accuracy:"]
+    for role, title in (("student", "shipped student"), ("ce_only", "CE-only student")):
+        found = metrics[role]
+        lines.append(
+            f"    {title:<16} labelled classes {found['test_accuracy_labelled_classes']:.4f}"
+            f"   unlabelled classes {found['test_accuracy_unlabelled_classes']:.4f}"
+            f"   H {found['test_h']:.4f}"
+        )
+    return lines
 
 
 def geometry_line(found: dict | None) -> list[str]:

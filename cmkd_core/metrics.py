@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -35,4 +37,19 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, num_classes: i
         "accuracy": accuracy(y_true, y_pred),
         "macro_f1": macro_f1(y_true, y_pred, num_classes),
         "n": len(y_true),
+    }
+
+
+def seen_unseen(y_true: np.ndarray, y_pred: np.ndarray, unseen: Sequence[int]) -> dict:
+    """Generalised zero-shot accuracy (Xian et al. 2018) for predictions ``(N,)`` over every
+    class: accuracy on the samples of the labelled classes, on those of the classes in
+    ``unseen`` (no label in training), and their harmonic mean ``H`` (0 when either is 0)."""
+    hidden = np.isin(y_true, np.asarray(list(unseen)))
+    seen_acc = accuracy(y_true[~hidden], y_pred[~hidden]) if (~hidden).any() else 0.0
+    unseen_acc = accuracy(y_true[hidden], y_pred[hidden]) if hidden.any() else 0.0
+    total = seen_acc + unseen_acc
+    return {
+        "accuracy_labelled_classes": seen_acc,
+        "accuracy_unlabelled_classes": unseen_acc,
+        "h": 2 * seen_acc * unseen_acc / total if total > 0 else 0.0,
     }

@@ -23,7 +23,7 @@ from cmkd_core.data import atomic_path, check_dataset, write_text_atomic
 from cmkd_core.data.tensors import samples_of
 from cmkd_core.distill import predict_logits
 from cmkd_core.distill.auto import students_of
-from cmkd_core.metrics import classification_report, confusion_matrix
+from cmkd_core.metrics import classification_report, confusion_matrix, seen_unseen
 from cmkd_core.models.checkpoint import load_classifier
 from tasks.data import write_json
 from tasks.layout import Layout
@@ -238,6 +238,7 @@ def evaluate_students(layout: Layout, method: str) -> dict:
     dataset = check_dataset(layout.student_data, classes=classes)
     test = samples_of(dataset, dataset.rows("test"), classes)
     y_true = test.labels.numpy()
+    hidden = [classes.index(c) for c in dataset.unlabelled_classes if c in classes]
     for name in students_of(method):
         model, _, info = load_classifier(layout.student_weights(name))
         models[name] = model
@@ -254,12 +255,16 @@ def evaluate_students(layout: Layout, method: str) -> dict:
             "n_test": report["n"],
             **alignment(model, bank, dataset),
         }
+        if hidden:  # some classes had no label: generalised zero-shot accuracy, test split
+            found = seen_unseen(y_true, y_pred, hidden)
+            results[name].update({f"test_{key}": value for key, value in found.items()})
         histories[name] = json.loads(layout.history(name).read_text())["history"]
         predictions[name] = (y_true, y_pred)
     metrics = {
         "method": method,
         **_selection(layout, method),
         "teacher": {k: teacher[k] for k in ("val_accuracy", "test_accuracy")},
+        **({"unlabelled_classes": list(dataset.unlabelled_classes)} if hidden else {}),
         "student": results[method],
         "ce_only": results["ce"],
         "gain_over_ce": {

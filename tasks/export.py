@@ -86,6 +86,10 @@ def _input_check(dataset: ModalityDataset) -> dict:
     return novelty.fit(summaries("train"), summaries("val"), summaries("test"))
 
 
+UNSEEN = ("test_accuracy_labelled_classes", "test_accuracy_unlabelled_classes", "test_h")
+"""The metrics of a student trained with classes that had no label (tasks/evaluate.py)."""
+
+
 def _inputs(test: Samples, meta) -> dict[str, str]:
     """The card's description of each ONNX input: its dtype and shape, and what it holds."""
     frames = (
@@ -132,14 +136,10 @@ def export_student(layout: Layout, params: Params) -> dict:
         "file": layout.onnx.name,
         "sha256": sha256_file(layout.onnx),
         "method": method,
-        **({"chosen": metrics["chosen"]} if "chosen" in metrics else {}),
-        **(
-            {"candidates_val_accuracy": metrics["candidates_val_accuracy"]}
-            if "candidates_val_accuracy" in metrics
-            else {}
-        ),
+        **{k: metrics[k] for k in ("chosen", "candidates_val_accuracy") if k in metrics},
         "paper": "arXiv:2606.10504 (ICML 2026)",
         "classes": classes,
+        **{k: metrics[k] for k in ("unlabelled_classes",) if k in metrics},
         "modality": dataset.meta.modality,
         "dataset": dataset.meta.name,
         "architecture": spec,
@@ -162,6 +162,7 @@ def export_student(layout: Layout, params: Params) -> dict:
             "ce_only_test_accuracy": metrics["ce_only"]["test_accuracy"],
             "onnx_test_accuracy": parity.onnx_accuracy,
             "onnx_max_abs_logit_diff": parity.max_abs_diff,
+            **{k: v for k, v in metrics["student"].items() if k.startswith(UNSEEN)},
         },
         "int8": int8,
         "teacher": info.get("teacher", {}),
