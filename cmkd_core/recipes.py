@@ -20,7 +20,13 @@ from cmkd_core.data.tensors import Samples, samples_of, training_frames
 from cmkd_core.distill.auto import VARIANTS
 from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.methods import create_method, method_class
-from cmkd_core.distill.train import TrainResult, TrainSettings, seed_everything, train_classifier
+from cmkd_core.distill.train import (
+    ClassPrior,
+    TrainResult,
+    TrainSettings,
+    seed_everything,
+    train_classifier,
+)
 from cmkd_core.models import Classifier
 from cmkd_core.models.checkpoint import build_classifier
 
@@ -133,6 +139,24 @@ def unlabelled_samples(
     return unlabelled
 
 
+def selection(
+    dataset: ModalityDataset, bank: TeacherBank, device: torch.device, val: Samples
+) -> tuple[Samples, ClassPrior | None]:
+    """What a student is selected on. Every class labelled: the ``val`` samples. Some classes
+    without labels (``dataset.unlabelled_classes``): the val samples of the labelled classes
+    only, and the prior of the bank's class proportions over the unlabelled train samples (no
+    label of theirs is read: which val sample is of an unlabelled class is all that is used)."""
+    hidden = set(dataset.unlabelled_classes) & set(bank.classes)
+    if not hidden:
+        return val, None
+    rows = dataset.rows("val")
+    shown = samples_of(dataset, rows[~rows["label"].isin(hidden)], bank.classes).to(device)
+    train_labels = bank.labels[bank.split("train")]
+    proportions = torch.bincount(train_labels, minlength=len(bank.classes)).float()
+    pool = unlabelled_samples(dataset, bank, False, device)
+    return shown, ClassPrior(pool, proportions / proportions.sum())
+
+
 def fit_student(
     dataset: ModalityDataset,
     bank: TeacherBank,
@@ -205,7 +229,9 @@ def fit_student(
         views=views,
         desc=name,
     )
-    result = trainer(model, learner, batches, data["val"], settings, desc=name)
+    val, prior = selection(dataset, bank, device, data["val"])
+    extra = {} if prior is None else {"prior": prior}
+    result = trainer(model, learner, batches, val, settings, desc=name, **extra)
     return Fitted(model, spec, result), data
 
 

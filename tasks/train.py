@@ -171,14 +171,20 @@ def write_student(
 ) -> dict:
     """Write a trained student's weights (with its summary, teacher and classes) and its
     history JSON, both atomically; return the summary (``extra`` keys added to it)."""
+    result = fitted.result
     summary = {
         "method": method,
-        "best_epoch": fitted.result.best_epoch,
-        "val_accuracy": fitted.result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "val_accuracy": result.best_val_accuracy,
         "labelled_train": len(dataset.rows("train", labelled_only=True)),
         "device": str(device),
         **extra,
     }
+    best = next((r for r in result.history if r["epoch"] == result.best_epoch), {})
+    if "val_score" in best:  # some classes had no label: selected on val_score, not accuracy
+        summary["selected_on"] = "val_score"
+        summary["val_accuracy_labelled_classes"] = best["val_accuracy"]
+        summary["classes_predicted"] = int(best["val_pool_classes"])
     info = {**summary, "teacher": bank.info, "classes": list(bank.classes)}
     save_classifier(fitted.model, fitted.spec, weights, info)
     write_json(history, {**summary, "history": fitted.result.history})
@@ -231,9 +237,13 @@ def plan_candidates(layout: Layout, params: DistillParams) -> list[str]:
 def select_student(layout: Layout, summaries: dict[str, dict]) -> dict:
     """``auto``: keep the candidate with the best validation accuracy (ties: ``ce``) as
     ``student_auto``, its history as ``history_auto``, and the choice with every candidate's
-    validation accuracy in ``selection.json``. Test data is not read."""
+    validation accuracy in ``selection.json``. Test data is not read. When some classes have no
+    label, only the candidates that predict the most classes on the unlabelled samples (every
+    class, when one does) may be chosen, by ``val_score`` (:func:`cmkd_core.recipes.selection`)."""
     scores = {name: summary["val_accuracy"] for name, summary in summaries.items()}
-    chosen = choose(scores)
+    classes = len(load_bank(layout.bank).classes)
+    covered = {n: s.get("classes_predicted", classes) for n, s in summaries.items()}
+    chosen = choose(scores, [n for n, c in covered.items() if c == max(covered.values())])
     selection = {
         "method": "auto",
         "chosen": chosen,

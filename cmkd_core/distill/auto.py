@@ -13,7 +13,7 @@ used anywhere a method name is (``distill.method``, ``cmkd bench --methods``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "joint_w0.1": ("joint", {"w_fa": 0.1, "w_la": 0.1}),
@@ -43,13 +43,18 @@ def candidates(has_unlabelled: bool, paired: bool) -> list[str]:
     return names
 
 
-def choose(val_accuracy: Mapping[str, float]) -> str:
+def choose(val_accuracy: Mapping[str, float], able: Sequence[str] | None = None) -> str:
     """The candidate with the highest validation accuracy; ties go to the CE-only baseline,
-    then to the earlier candidate. ``val_accuracy`` must hold the baseline."""
+    then to the earlier candidate. ``val_accuracy`` must hold the baseline. ``able``: the
+    candidates that may be shipped (when some classes have no label, those that predict every
+    class), at least one of them; the best of those."""
     if BASELINE not in val_accuracy:
         raise ValueError(f"auto needs the {BASELINE!r} candidate's validation accuracy")
-    best = BASELINE
-    for name, value in val_accuracy.items():
-        if value > val_accuracy[best]:
+    allowed = [name for name in val_accuracy if able is None or name in able]
+    if not allowed:
+        raise ValueError("auto: no candidate may be shipped")
+    best = BASELINE if BASELINE in allowed else allowed[0]
+    for name in allowed:
+        if val_accuracy[name] > val_accuracy[best]:
             best = name
     return best

@@ -56,7 +56,7 @@ from torch import nn
 from cmkd_core.data.tensors import Samples
 from cmkd_core.distill.batches import BatchSource
 from cmkd_core.distill.methods import Method, MethodError
-from cmkd_core.distill.train import TrainResult, TrainSettings, train_classifier
+from cmkd_core.distill.train import ClassPrior, TrainResult, TrainSettings, train_classifier
 from cmkd_core.models import Classifier
 
 Group = dist.ProcessGroup | None
@@ -212,6 +212,7 @@ def train_classifier_ddp(
     *,
     desc: str = "train",
     group: Group = None,
+    prior: ClassPrior | None = None,
 ) -> TrainResult:
     """:func:`~cmkd_core.distill.train.train_classifier` over the ranks of an initialised
     process group, equal to one process with global batch ``settings.batch_size``.
@@ -249,4 +250,5 @@ def train_classifier_ddp(
             val,
             settings,
             desc=desc,
+            prior=prior,
         )

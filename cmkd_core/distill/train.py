@@ -61,6 +61,25 @@ class TrainSettings:
     in ``epochs`` equal rounds (an evaluation after each)."""
 
 
+@dataclass(frozen=True)
+class ClassPrior:
+    """A selection signal that reads no label, for runs where some classes have none: how far
+    the classes the model predicts on ``pool`` (unlabelled train samples) are from the
+    teacher bank's class ``proportions`` ``(C,)`` (total variation, 0 to 1)."""
+
+    pool: Samples
+    proportions: torch.Tensor
+
+
+def prior_fit(model: Classifier, prior: ClassPrior) -> dict[str, float]:
+    """``val_prior_tv``: the total variation between the predicted class shares on the pool and
+    the prior; ``val_pool_classes``: how many classes the model predicts there at all."""
+    predicted = predict_logits(model, prior.pool).argmax(1).cpu()
+    share = torch.bincount(predicted, minlength=len(prior.proportions)).float() / len(predicted)
+    tv = 0.5 * float((share - prior.proportions.cpu().float()).abs().sum())
+    return {"val_prior_tv": tv, "val_pool_classes": float(len(torch.unique(predicted)))}
+
+
 @dataclass
 class TrainResult:
     """Per-epoch records and the selected (best validation accuracy) epoch."""
@@ -106,9 +125,12 @@ def train_classifier(
     *,
     desc: str = "train",
     callbacks: Sequence[Callback] = (),
+    prior: ClassPrior | None = None,
 ) -> TrainResult:
     """Train ``model`` with ``method`` on the rounds of ``batches`` (built with the same
-    ``settings``), select on ``val`` accuracy.
+    ``settings``), select on ``val`` accuracy; with a ``prior`` (some classes have no label, and
+    ``val`` holds only samples of the others), on ``val_score``: that accuracy minus the
+    prior's total variation (:func:`prior_fit`).
 
     ``callbacks`` run after each round, after the built-in ones (the best-epoch keeper, the
     resume checkpoint with ``settings.checkpoint``, the progress bar). The model ends at the
@@ -120,10 +142,14 @@ def train_classifier(
 
     def validate() -> dict[str, float]:
         logits = predict_logits(model, val)
-        return {
+        record = {
             "val_accuracy": float((logits.argmax(1) == val.labels).float().mean()),
             "val_loss": float(F.cross_entropy(logits, val.labels)),
         }
+        if prior is not None:
+            record.update(prior_fit(model, prior))
+            record["val_score"] = record["val_accuracy"] - record["val_prior_tv"]
+        return record
 
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in method.parameters() if p.requires_grad]
@@ -132,7 +158,7 @@ def train_classifier(
         optimizer,
         warmup_cosine(settings.epochs * per_round, settings.warmup_epochs * per_round),
     )
-    best = BestCheckpoint("val_accuracy")
+    best = BestCheckpoint("val_accuracy" if prior is None else "val_score")
     extra_callbacks, callbacks = callbacks, [best]
     start, done = 1, []
     if settings.checkpoint is not None:
