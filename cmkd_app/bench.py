@@ -30,6 +30,8 @@ from cmkd_core.benchmark.summary import (
     headline_table,
     markdown_table,
     summarise,
+    unseen_rows,
+    unseen_table,
     with_auto,
 )
 from cmkd_core.config import DistillParams, load_params
@@ -84,6 +86,7 @@ def grid_from(args: argparse.Namespace, layout: Layout) -> Grid:
         ),
         distill=distill,
         teacher=params.teacher.model_copy(update={"device": "cpu"}),
+        unlabelled_classes=args.unlabelled_classes,
     )
 
 
@@ -121,8 +124,9 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
         runs_file=str(runs_file),
         resume=args.resume,
     )
-    rows = summarise(records)
+    rows, unseen = summarise(records), unseen_rows(records)
     table = geometry_table(records) + "\n" + headline_table(rows) + "\n" + markdown_table(rows)
+    table += ("\n" + unseen_table(unseen)) if unseen else ""
     payload = {
         "command": "cmkd " + " ".join(args.argv),
         "grid": {
@@ -139,6 +143,7 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
         "resumed_runs": len(done),
         "wall_seconds": time.perf_counter() - start,
         "summary": rows,
+        **({"unseen_summary": unseen} if unseen else {}),
         "runs": with_auto(records),
     }
     write_text_atomic(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")

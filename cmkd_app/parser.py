@@ -37,6 +37,13 @@ def _pipeline_commands(sub) -> dict[str, argparse.ArgumentParser]:
     )
     bench.add_argument("--name", help="file name stem of the results (default by --quick)")
     bench.add_argument(
+        "--unlabelled-classes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave N classes of each student without any label (drawn per seed)",
+    )
+    bench.add_argument(
         "--jobs", type=int, help="local Dask workers, one thread each (default: cores; 1: here)"
     )
     bench.add_argument("--address", help="an existing Dask scheduler, e.g. tcp://host:8786")

@@ -67,12 +67,14 @@ def train_teacher(pair: str, data: DataParams, params: TeacherParams) -> tuple[T
     return build_bank(_pair_data(pair, data)[0], params)
 
 
-def train_run(run: Run, data: DataParams, bank: TeacherBank, distill: DistillParams) -> dict:
+def train_run(
+    run: Run, data: DataParams, bank: TeacherBank, distill: DistillParams, unlabelled: int = 0
+) -> dict:
     """Train the student of ``run`` on one thread against ``bank`` (the teacher's: the run's
-    control is applied here); its record."""
+    control is applied here), ``unlabelled`` of its classes without labels; its record."""
     torch.set_num_threads(1)
     student = _pair_data(run.pair, data)[1]
-    return run_one(run, student, control_bank(bank, run.control), distill)
+    return run_one(run, student, control_bank(bank, run.control), distill, unlabelled)
 
 
 # Tasks made from the named functions (not by decorating them): Dask pickles a function by its
@@ -122,7 +124,8 @@ def bench_grid(
             teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
             print(f"[{pair}] teacher test accuracy {accuracy:.4f}", flush=True)
             for run in work.todo[pair]:
-                submitted(run_task.submit(run, data, bank, grid.distill), ("run", run))
+                future = run_task.submit(run, data, bank, grid.distill, grid.unlabelled_classes)
+                submitted(future, ("run", run))
 
     for key, dataset in work.teacher_sets.items():
         name = dataset.root.name.strip("<>")

@@ -27,10 +27,11 @@ from cmkd_core.config import DataParams, DistillParams, TeacherParams
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.defaults import image_dataset, labelled_subset, mnist_pair
 from cmkd_core.data.fsdd import default_student
+from cmkd_core.data.unseen import withhold
 from cmkd_core.distill import accuracy_of, extract_bank, predict_logits
 from cmkd_core.distill.auto import base_method
 from cmkd_core.distill.methods import method_class
-from cmkd_core.metrics import classification_report
+from cmkd_core.metrics import classification_report, seen_unseen
 from cmkd_core.recipes import fit_student, fit_teacher
 from cmkd_core.teachers import bank_from_vectors
 
@@ -60,6 +61,9 @@ class Grid:
     teacher: TeacherParams
     prototype_controls: tuple[str, ...] = ()
     """Methods also run against random class prototypes (:func:`random_prototype_bank`)."""
+    unlabelled_classes: int = 0
+    """Classes of each pair's student left without any label, drawn per seed
+    (cmkd_core/data/unseen.py); 0: every class has labels."""
 
 
 def in_memory(name: str, meta, manifest, arrays, labelled=None) -> ModalityDataset:
@@ -131,11 +135,16 @@ def random_prototype_bank(bank: TeacherBank, seed: int = 0) -> TeacherBank:
 CONTROLS = ("", "shuffled", "random_prototypes")
 
 
-def with_budget(dataset: ModalityDataset, per_class: int | None, seed: int) -> ModalityDataset:
-    """The same dataset with ``per_class`` labelled train samples per class drawn with ``seed``."""
+def with_budget(
+    dataset: ModalityDataset, per_class: int | None, seed: int, unlabelled_classes: int = 0
+) -> ModalityDataset:
+    """The same dataset with ``per_class`` labelled train samples per class drawn with ``seed``,
+    and no label at all for ``unlabelled_classes`` classes (drawn with ``seed`` too)."""
     labels = dataset.labels(dataset.manifest)
     mask = labelled_subset(labels, dataset.manifest["split"].to_numpy(), per_class, seed)
-    return replace(dataset, labelled_ids=frozenset(dataset.manifest.loc[mask, "id"]))
+    labelled = list(dataset.manifest.loc[mask, "id"])
+    meta, labelled = withhold(dataset.meta, dataset.manifest, labelled, unlabelled_classes, seed)
+    return replace(dataset, meta=meta, labelled_ids=frozenset(labelled))
 
 
 @dataclass(frozen=True)
@@ -180,10 +189,17 @@ def plan(grid: Grid, pairings: dict[str, tuple[str, ...]]) -> list[Run]:
     return runs
 
 
-def run_one(run: Run, student: ModalityDataset, bank: TeacherBank, distill: DistillParams) -> dict:
+def run_one(
+    run: Run,
+    student: ModalityDataset,
+    bank: TeacherBank,
+    distill: DistillParams,
+    unlabelled_classes: int = 0,
+) -> dict:
     """Train the student of ``run`` on CPU against ``bank`` (already shuffled for a control) and
-    return its record: test accuracy and macro-F1, selection facts, seconds, alignment."""
-    data = with_budget(student, run.budget, run.seed)
+    return its record: test accuracy and macro-F1, selection facts, seconds, alignment; with
+    ``unlabelled_classes``, also the accuracy on the classes with and without labels and H."""
+    data = with_budget(student, run.budget, run.seed, unlabelled_classes)
     model = "sequence_cnn" if student.meta.kind == "sequence" else "image_cnn"
     params = distill.model_copy(update={"seed": run.seed, "pairing": run.pairing, "model": model})
     start = time.perf_counter()
@@ -210,6 +226,20 @@ def run_one(run: Run, student: ModalityDataset, bank: TeacherBank, distill: Dist
         "seconds": seconds,
         **alignment(fitted.model, bank, data),
         **geometry,
+        **_unseen_facts(fitted, data, bank, test.labels.numpy(), pred),
+    }
+
+
+def _unseen_facts(fitted, data: ModalityDataset, bank: TeacherBank, y_true, y_pred) -> dict:
+    """What a run with classes that had no label adds to its record (``{}`` otherwise)."""
+    if not data.unlabelled_classes:
+        return {}
+    hidden = [bank.classes.index(c) for c in data.unlabelled_classes]
+    best = fitted.result.history[fitted.result.best_epoch - 1]
+    return {
+        "unlabelled_classes": list(data.unlabelled_classes),
+        "classes_predicted": int(best["val_pool_classes"]),
+        **{f"test_{k}": v for k, v in seen_unseen(y_true, y_pred, hidden).items()},
     }
 
 

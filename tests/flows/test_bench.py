@@ -205,3 +205,23 @@ def test_a_worker_killed_mid_grid_the_grid_still_completes_each_run_recorded_onc
     )  # every run, each once
     result = json.loads((tmp_path / "out" / "k.json").read_text())
     assert len(result["runs"]) == 12
+
+
+def test_a_grid_with_classes_left_without_labels_reports_them_and_keys_its_runs_apart(
+    tmp_path, recordings, tiny_params, prefect_harness
+):
+    _params(tmp_path, tiny_params, recordings)
+    hidden = _bench(tmp_path, "--unlabelled-classes", "3", "--jobs", "1")
+    assert hidden["grid"]["unlabelled_classes"] == 3
+    drawn = {r["seed"]: tuple(r["unlabelled_classes"]) for r in hidden["runs"]}
+    assert all(len(names) == 3 for names in drawn.values()) and drawn[0] != drawn[1]
+    for r in hidden["runs"]:
+        assert drawn[r["seed"]] == tuple(r["unlabelled_classes"])  # one draw per seed
+        assert {"test_accuracy_unlabelled_classes", "test_h"} <= set(r)
+        if r["method"] == "ce":  # nothing names a class it has no label for without a teacher
+            assert r["classes_predicted"] <= 7 and r["test_accuracy_unlabelled_classes"] < 0.1
+    rows = {(r["method"], r["control"]): r for r in hidden["unseen_summary"]}
+    assert set(rows) == {("ce", ""), ("la", ""), ("la", "shuffled")}
+    assert "Classes without labels" in (tmp_path / "out" / "t.md").read_text()
+    # The same grid with every class labelled is another experiment: nothing is reused.
+    assert _bench(tmp_path, "--resume", "--jobs", "1")["resumed_runs"] == 0
