@@ -63,7 +63,7 @@ class Grid:
     """Methods also run against random class prototypes (:func:`random_prototype_bank`)."""
     unlabelled_classes: int = 0
     """Classes of each pair's student left without any label, drawn per seed
-    (cmkd_core/data/unseen.py); 0: every class has labels."""
+    (cmkd_core/data/unseen.py); 0: every class has labels. Such a grid runs unpaired only."""
 
 
 def in_memory(name: str, meta, manifest, arrays, labelled=None) -> ModalityDataset:
@@ -280,8 +280,10 @@ def prepare(grid: Grid, data: DataParams, done: Iterable[dict] = ()) -> Work:
         teacher_ds, students[pair] = load_pair(pair, data)
         key_of_pair[pair] = teacher_key(teacher_ds, grid.teacher)
         teacher_sets.setdefault(key_of_pair[pair], teacher_ds)
-    pairings = {
-        pair: ("unpaired", "paired") if "pair" in ds.manifest else ("unpaired",)
+    pairings = {  # classes without labels: the setting without pairs only (issue 25)
+        pair: ("unpaired", "paired")
+        if "pair" in ds.manifest and not grid.unlabelled_classes
+        else ("unpaired",)
         for pair, ds in students.items()
     }
     previous = {_key_of(r): r for r in done}
