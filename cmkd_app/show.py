@@ -20,8 +20,15 @@ def summary_text(metrics: dict, onnx: str) -> str:
     if "candidates_val_accuracy" in metrics:
         scores = metrics["candidates_val_accuracy"]
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        by = (
+            "validation score (val accuracy on the labelled classes minus the distance of the "
+            "predicted classes from the teacher's class proportions; only the students that name "
+            "the most classes on the unlabelled clips may ship)"
+            if "unlabelled_classes" in metrics
+            else "validation accuracy"
+        )
         lines = [
-            "auto: candidates by validation accuracy (the first is shipped; ties go to ce)",
+            f"auto: candidates by {by} (the first is shipped; ties go to ce)",
             *(f"  {name:<16} val {value:.4f}" for name, value in ranked),
             f"  {metrics['chosen']} vs ce on validation: "
             f"{100 * (scores[metrics['chosen']] - scores['ce']):+.2f} points",

@@ -156,3 +156,25 @@ def test_the_summary_says_whether_the_teacher_and_student_agree_on_which_classes
     assert "little shared class structure" in geometry(0.04, 0.41)
     assert "little shared class structure" in geometry(0.5, 0.2)  # not significant
     assert "class geometry" not in summary_text(_metrics(), "student.onnx")  # older metrics
+
+
+def test_the_summary_gives_labelled_unlabelled_and_h_when_some_classes_had_no_label():
+    metrics = _metrics()
+    metrics["unlabelled_classes"] = ["0", "7", "8"]
+    metrics["chosen"], metrics["candidates_val_accuracy"] = (
+        "sinkhorn_ssl",
+        {"ce": 0.5, "sinkhorn_ssl": 0.7},
+    )
+    for role, (seen, unseen, h) in {
+        "student": (0.59, 0.31, 0.41),
+        "ce_only": (0.61, 0.0, 0.0),
+    }.items():
+        metrics[role].update(
+            test_accuracy_labelled_classes=seen, test_accuracy_unlabelled_classes=unseen, test_h=h
+        )
+    text = summary_text(metrics, "student.onnx")
+    assert "auto: candidates by validation score" in text
+    assert "classes with no label in training (0, 7, 8), test accuracy:" in text
+    assert "shipped student  labelled classes 0.5900   unlabelled classes 0.3100   H 0.4100" in text
+    assert "CE-only student  labelled classes 0.6100   unlabelled classes 0.0000   H 0.0000" in text
+    assert "classes with no label" not in summary_text(_metrics(), "student.onnx")
