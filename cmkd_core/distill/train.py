@@ -90,30 +90,27 @@ class TrainResult:
 
 
 @torch.no_grad()
-def predict_logits(model: Classifier, samples: Samples, batch_size: int = 512) -> torch.Tensor:
-    """Logits ``(N, C)`` of ``model`` on ``samples``, in eval mode, batch by batch."""
+def _in_batches(call, model: Classifier, samples: Samples, batch_size: int) -> torch.Tensor:
+    """``call(*inputs)`` over ``samples`` batch by batch with ``model`` in eval mode, joined
+    along the first dimension; the model's mode is restored after."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(samples), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(samples)))
-        inputs, _ = samples.take(index)
-        out.append(model(*inputs))
+        inputs, _ = samples.take(torch.arange(start, min(start + batch_size, len(samples))))
+        out.append(call(*inputs))
     model.train(was_training)
     return torch.cat(out)
 
 
-@torch.no_grad()
+def predict_logits(model: Classifier, samples: Samples, batch_size: int = 512) -> torch.Tensor:
+    """Logits ``(N, C)`` of ``model`` on ``samples``, in eval mode, batch by batch."""
+    return _in_batches(model, model, samples, batch_size)
+
+
 def predict_features(model: Classifier, samples: Samples, batch_size: int = 512) -> torch.Tensor:
     """Encoder features ``(N, d)`` of ``model`` on ``samples``, in eval mode."""
-    was_training = model.training
-    model.eval()
-    feats = []
-    for start in range(0, len(samples), batch_size):
-        inputs, _ = samples.take(torch.arange(start, min(start + batch_size, len(samples))))
-        feats.append(model.features(*inputs))
-    model.train(was_training)
-    return torch.cat(feats)
+    return _in_batches(model.features, model, samples, batch_size)
 
 
 def train_classifier(
