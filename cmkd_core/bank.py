@@ -81,6 +81,12 @@ class TeacherBank:
         """Boolean mask ``(N,)`` of the rows in split ``name``."""
         return self.splits == SPLITS.index(name)
 
+    def class_proportions(self) -> torch.Tensor:
+        """The share ``(C,)`` of each class among the train rows, float32."""
+        counts = torch.bincount(self.labels[self.split("train")], minlength=len(self.classes))
+        counts = counts.float()
+        return counts / counts.sum()
+
     def rows_of(self, keys: list[str], where: str = "pair") -> torch.Tensor:
         """Bank row index ``(n,)`` of each id in ``keys``; an unknown key is an error."""
         index = {key: i for i, key in enumerate(self.ids)}

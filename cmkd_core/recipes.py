@@ -140,21 +140,26 @@ def unlabelled_samples(
 
 
 def selection(
-    dataset: ModalityDataset, bank: TeacherBank, device: torch.device, val: Samples
+    dataset: ModalityDataset,
+    bank: TeacherBank,
+    device: torch.device,
+    val: Samples,
+    unlabelled: Samples | None = None,
 ) -> tuple[Samples, ClassPrior | None]:
     """What a student is selected on. Every class labelled: the ``val`` samples. Some classes
     without labels (``dataset.unlabelled_classes``): the val samples of the labelled classes
-    only, and the prior of the bank's class proportions over the unlabelled train samples (no
-    label of theirs is read: which val sample is of an unlabelled class is all that is used)."""
+    only, and the prior of the bank's class proportions over the unlabelled train samples
+    (``unlabelled`` when the run has them already; no label of theirs is read: which val sample
+    is of an unlabelled class is all that is used)."""
     hidden = set(dataset.unlabelled_classes) & set(bank.classes)
     if not hidden:
         return val, None
     rows = dataset.rows("val")
     shown = samples_of(dataset, rows[~rows["label"].isin(hidden)], bank.classes).to(device)
-    train_labels = bank.labels[bank.split("train")]
-    proportions = torch.bincount(train_labels, minlength=len(bank.classes)).float()
-    pool = unlabelled_samples(dataset, bank, False, device)
-    return shown, ClassPrior(pool, proportions / proportions.sum())
+    pool = (
+        unlabelled if unlabelled is not None else unlabelled_samples(dataset, bank, False, device)
+    )
+    return shown, ClassPrior(pool, bank.class_proportions())
 
 
 def fit_student(
@@ -229,7 +234,7 @@ def fit_student(
         views=views,
         desc=name,
     )
-    val, prior = selection(dataset, bank, device, data["val"])
+    val, prior = selection(dataset, bank, device, data["val"], unlabelled)
     extra = {} if prior is None else {"prior": prior}
     result = trainer(model, learner, batches, val, settings, desc=name, **extra)
     return Fitted(model, spec, result), data

@@ -45,12 +45,10 @@ def class_prototypes(bank: TeacherBank, center: bool = False) -> tuple[torch.Ten
     rows; ``center`` subtracts the mean of those rows first."""
     keep = bank.split("train")
     labels, features = bank.labels[keep], bank.features[keep].float()
-    num = len(bank.classes)
-    counts = torch.bincount(labels, minlength=num).float()
-    means = class_means(features, labels, num)
+    means = class_means(features, labels, len(bank.classes))
     if center:
         means = means - features.mean(0)
-    return F.normalize(means, dim=1), counts / counts.sum()
+    return F.normalize(means, dim=1), bank.class_proportions()
 
 
 def class_semantics(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
