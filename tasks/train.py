@@ -180,7 +180,7 @@ def write_student(
         "device": str(device),
         **extra,
     }
-    best = next((r for r in result.history if r["epoch"] == result.best_epoch), {})
+    best = result.best_record
     if "val_score" in best:  # some classes had no label: selected on val_score, not accuracy
         summary["selected_on"] = "val_score"
         summary["val_accuracy_labelled_classes"] = best["val_accuracy"]
@@ -241,9 +241,7 @@ def select_student(layout: Layout, summaries: dict[str, dict]) -> dict:
     label, only the candidates that predict the most classes on the unlabelled samples (every
     class, when one does) may be chosen, by ``val_score`` (:func:`cmkd_core.recipes.selection`)."""
     scores = {name: summary["val_accuracy"] for name, summary in summaries.items()}
-    classes = len(load_bank(layout.bank).classes)
-    covered = {n: s.get("classes_predicted", classes) for n, s in summaries.items()}
-    chosen = choose(scores, [n for n, c in covered.items() if c == max(covered.values())])
+    chosen = choose(scores, {n: s.get("classes_predicted", 0) for n, s in summaries.items()})
     selection = {
         "method": "auto",
         "chosen": chosen,

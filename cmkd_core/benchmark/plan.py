@@ -235,10 +235,9 @@ def _unseen_facts(fitted, data: ModalityDataset, bank: TeacherBank, y_true, y_pr
     if not data.unlabelled_classes:
         return {}
     hidden = [bank.classes.index(c) for c in data.unlabelled_classes]
-    best = fitted.result.history[fitted.result.best_epoch - 1]
     return {
         "unlabelled_classes": list(data.unlabelled_classes),
-        "classes_predicted": int(best["val_pool_classes"]),
+        "classes_predicted": int(fitted.result.best_record["val_pool_classes"]),
         **{f"test_{k}": v for k, v in seen_unseen(y_true, y_pred, hidden).items()},
     }
 

@@ -49,8 +49,7 @@ def with_auto(records: Iterable[dict]) -> list[dict]:
         if len(found) < len(names):
             continue
         scores = {name: found[name]["val_accuracy"] for name in names}
-        covered = {n: r.get("classes_predicted", 0) for n, r in found.items()}
-        chosen = choose(scores, [n for n, c in covered.items() if c == max(covered.values())])
+        chosen = choose(scores, {n: r.get("classes_predicted", 0) for n, r in found.items()})
         derived.append(
             {
                 **found[chosen],

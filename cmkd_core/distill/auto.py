@@ -13,7 +13,7 @@ used anywhere a method name is (``distill.method``, ``cmkd bench --methods``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "joint_w0.1": ("joint", {"w_fa": 0.1, "w_la": 0.1}),
@@ -43,16 +43,22 @@ def candidates(has_unlabelled: bool, paired: bool) -> list[str]:
     return names
 
 
-def choose(val_accuracy: Mapping[str, float], able: Sequence[str] | None = None) -> str:
+def choose(
+    val_accuracy: Mapping[str, float], classes_predicted: Mapping[str, int] | None = None
+) -> str:
     """The candidate with the highest validation accuracy; ties go to the CE-only baseline,
-    then to the earlier candidate. ``val_accuracy`` must hold the baseline. ``able``: the
-    candidates that may be shipped (when some classes have no label, those that predict every
-    class), at least one of them; the best of those."""
+    then to the earlier candidate. ``val_accuracy`` must hold the baseline. With
+    ``classes_predicted`` (some classes had no label: how many classes each candidate predicts
+    on the unlabelled samples), only the candidates that predict the most may be chosen."""
     if BASELINE not in val_accuracy:
         raise ValueError(f"auto needs the {BASELINE!r} candidate's validation accuracy")
-    allowed = [name for name in val_accuracy if able is None or name in able]
-    if not allowed:
-        raise ValueError("auto: no candidate may be shipped")
+    allowed = list(val_accuracy)
+    if classes_predicted is not None:
+        missing = [name for name in allowed if name not in classes_predicted]
+        if missing:
+            raise ValueError(f"auto: no classes_predicted for {', '.join(missing)}")
+        most = max(classes_predicted[name] for name in allowed)
+        allowed = [name for name in allowed if classes_predicted[name] == most]
     best = BASELINE if BASELINE in allowed else allowed[0]
     for name in allowed:
         if val_accuracy[name] > val_accuracy[best]:

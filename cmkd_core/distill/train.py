@@ -88,6 +88,11 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
 
+    @property
+    def best_record(self) -> dict[str, float]:
+        """The history's record of the selected epoch (``{}`` before any)."""
+        return next((r for r in self.history if r["epoch"] == self.best_epoch), {})
+
 
 @torch.no_grad()
 def _in_batches(call, model: Classifier, samples: Samples, batch_size: int) -> torch.Tensor:

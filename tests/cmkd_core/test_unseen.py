@@ -69,9 +69,11 @@ def test_seen_unseen_accuracy_and_their_harmonic_mean():
 def test_auto_ships_only_a_candidate_able_to_name_every_class():
     scores = {"ce": 0.9, "joint": 0.5, "sinkhorn_ssl": 0.7}
     assert choose(scores) == "ce"
-    assert choose(scores, ["joint", "sinkhorn_ssl"]) == "sinkhorn_ssl"
-    with pytest.raises(ValueError, match="no candidate"):
-        choose(scores, [])
+    assert choose(scores, {"ce": 7, "joint": 10, "sinkhorn_ssl": 10}) == "sinkhorn_ssl"
+    assert choose(scores, {"ce": 7, "joint": 10, "sinkhorn_ssl": 9}) == "joint"
+    assert choose(scores, dict.fromkeys(scores, 0)) == "ce"  # every class labelled: as before
+    with pytest.raises(ValueError, match="no classes_predicted for sinkhorn_ssl"):
+        choose(scores, {"ce": 7, "joint": 10})
 
 
 def _garbled(dataset: ModalityDataset, hidden: tuple[str, ...]) -> ModalityDataset:
