@@ -166,6 +166,10 @@ class DataContractError(ValueError):
         super().__init__(f"{len(self.problems)} data contract violation(s):\n{shown}{tail}{where}")
 
 
+UNLABELLED_CLASSES = "unlabelled_classes"
+"""The key of ``dataset.json``'s ``extra`` that names the classes without labelled samples."""
+
+
 @dataclass
 class ModalityDataset:
     """A dataset folder in memory: its metadata, manifest and (memory-mapped) arrays."""
@@ -183,7 +187,7 @@ class ModalityDataset:
     @property
     def unlabelled_classes(self) -> tuple[str, ...]:
         """Classes declared to have no labelled sample (cmkd_core/data/unseen.py)."""
-        return tuple(self.meta.extra.get("unlabelled_classes", ()))
+        return tuple(self.meta.extra.get(UNLABELLED_CLASSES, ()))
 
     def rows(self, split: str, labelled_only: bool = False) -> pd.DataFrame:
         """Manifest rows of one split; with ``labelled_only`` only ids in ``labelled.csv``."""

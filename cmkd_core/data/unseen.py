@@ -16,10 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from cmkd_core.data.contract import DatasetMeta
-
-KEY = "unlabelled_classes"
-"""Where a dataset's meta records them (``DatasetMeta.extra``)."""
+from cmkd_core.data.contract import UNLABELLED_CLASSES, DatasetMeta
 
 
 def unlabelled_class_names(
@@ -68,5 +65,5 @@ def withhold(
         return meta, list(labelled)
     names = unlabelled_class_names(meta.classes, spec, seed)
     labels = dict(zip(manifest["id"], manifest["label"].astype(str), strict=True))
-    meta = replace(meta, extra={**meta.extra, KEY: list(names)})
+    meta = replace(meta, extra={**meta.extra, UNLABELLED_CLASSES: list(names)})
     return meta, without_labels_of(labelled, labels, names)
