@@ -29,6 +29,7 @@ from cmkd_core.benchmark.summary import (
     geometry_table,
     headline_table,
     markdown_table,
+    outlook_table,
     summarise,
     unseen_rows,
     unseen_table,
@@ -127,6 +128,8 @@ def run_benchmark(args: argparse.Namespace, layout: Layout) -> int:
     rows, unseen = summarise(records), unseen_rows(records)
     table = geometry_table(records) + "\n" + headline_table(rows) + "\n" + markdown_table(rows)
     table += ("\n" + unseen_table(unseen)) if unseen else ""
+    outlook = outlook_table(teachers)
+    table += ("\n" + outlook) if outlook else ""
     payload = {
         "command": "cmkd " + " ".join(args.argv),
         "grid": {

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cmkd_core.align.outlook import input_outlook, outlook_line
 from cmkd_core.bank import TeacherBank, restrict_bank
 from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data.augment import compose, input_kind, make_view, views_for
@@ -160,6 +161,18 @@ def selection(
         unlabelled if unlabelled is not None else unlabelled_samples(dataset, bank, False, device)
     )
     return shown, ClassPrior(pool, bank.class_proportions())
+
+
+def unlabelled_outlook(dataset: ModalityDataset, bank: TeacherBank) -> dict | None:
+    """When some classes of ``dataset`` have no label, the check before training
+    (:func:`~cmkd_core.align.outlook.input_outlook` on the labelled train samples and the val
+    samples of the labelled classes) with its printable ``line``; ``None`` otherwise."""
+    hidden = [bank.classes.index(c) for c in dataset.unlabelled_classes if c in bank.classes]
+    if not hidden:
+        return None
+    data = split_samples(dataset, bank.classes, torch.device("cpu"), labelled_only=True)
+    found = input_outlook(bank, [data["train"], data["val"]], hidden)
+    return {**found, "line": outlook_line(found, [bank.classes[i] for i in hidden])}
 
 
 def fit_student(

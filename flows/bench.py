@@ -36,6 +36,7 @@ from cmkd_core.benchmark.plan import (
     Run,
     build_bank,
     control_bank,
+    grid_outlook,
     load_pair,
     prepare,
     record_line,
@@ -123,6 +124,15 @@ def bench_grid(
         for pair in work.pairs_of(key):
             teachers[pair] = {"test_accuracy": accuracy, "rows": len(bank.labels)}
             print(f"[{pair}] teacher test accuracy {accuracy:.4f}", flush=True)
+            outlook = grid_outlook(grid, work.students[pair], bank)
+            if outlook is not None:
+                teachers[pair]["outlook"] = outlook
+                print(
+                    f"[{pair}] before training, raw inputs against the teacher over the "
+                    f"labelled classes: r = {outlook['r_mean']:+.2f} (mean of "
+                    f"{len(outlook['r'])} draws): {outlook['verdict']}",
+                    flush=True,
+                )
             for run in work.todo[pair]:
                 future = run_task.submit(run, data, bank, grid.distill, grid.unlabelled_classes)
                 submitted(future, ("run", run))

@@ -60,10 +60,17 @@ def teacher(root: str = ".") -> dict:
 def distill(root: str = ".") -> dict:
     """Train the distilled student and the CE-only baseline (params: ``distill``); with
     ``method: auto``, every candidate, then keep the best on validation."""
-    from tasks.train import clear_checkpoints, distill_student, plan_candidates, select_student
+    from tasks.train import (
+        clear_checkpoints,
+        distill_student,
+        outlook,
+        plan_candidates,
+        select_student,
+    )
 
     layout = Layout(Path(root))
     params = load_params(layout.params).distill
+    outlook(layout)
     result = {m: distill_student(layout, params, m) for m in plan_candidates(layout, params)}
     if params.method == "auto":
         result["auto"] = select_student(layout, result)

@@ -22,7 +22,7 @@ from cmkd_core.distill import accuracy_of, extract_bank, resolve_device
 from cmkd_core.distill.auto import candidates, choose, students_of
 from cmkd_core.distill.resume import saved_epoch
 from cmkd_core.models.checkpoint import load_classifier, save_classifier
-from cmkd_core.recipes import Fitted, fit_student, fit_teacher
+from cmkd_core.recipes import Fitted, fit_student, fit_teacher, unlabelled_outlook
 from cmkd_core.teachers import (
     bank_from_embeddings,
     bank_from_module,
@@ -218,6 +218,18 @@ def distill_student(layout: Layout, params: DistillParams, method: str) -> dict:
         summary["best_epoch"],
     )
     return summary
+
+
+@task(name="unlabelled-outlook", cache_policy=NONE)
+def outlook(layout: Layout) -> dict | None:
+    """When some student classes have no label, log the check before training
+    (:func:`~cmkd_core.recipes.unlabelled_outlook`: can the teacher be expected to name them?)
+    and return it; ``None`` otherwise."""
+    bank = load_bank(layout.bank)
+    found = unlabelled_outlook(check_dataset(layout.student_data, classes=bank.classes), bank)
+    if found is not None:
+        get_run_logger().info(found["line"])
+    return found
 
 
 @task(name="plan-candidates", cache_policy=NONE)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cmkd_core.align.measure import alignment, class_geometry
+from cmkd_core.align.outlook import verdict
 from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DataParams, DistillParams, TeacherParams
 from cmkd_core.data.contract import ModalityDataset
@@ -32,7 +33,7 @@ from cmkd_core.distill import accuracy_of, extract_bank, predict_logits
 from cmkd_core.distill.auto import base_method
 from cmkd_core.distill.methods import method_class
 from cmkd_core.metrics import classification_report, seen_unseen
-from cmkd_core.recipes import fit_student, fit_teacher
+from cmkd_core.recipes import fit_student, fit_teacher, unlabelled_outlook
 from cmkd_core.teachers import bank_from_vectors
 
 PAIRS = ("digits->fsdd", "mnist->digits8x8", "mnist->mnist8x8", "text->fashion")
@@ -242,6 +243,24 @@ def _unseen_facts(fitted, data: ModalityDataset, bank: TeacherBank, y_true, y_pr
     }
 
 
+def grid_outlook(grid: Grid, student: ModalityDataset, bank: TeacherBank) -> dict | None:
+    """With classes left without labels, the check before training
+    (:func:`~cmkd_core.recipes.unlabelled_outlook`) for each budget and seed of ``grid`` (each
+    draws its own classes): ``r`` per ``"b<budget> s<seed>"``, their mean ``r_mean`` and its
+    verdict; ``None`` when every class has labels."""
+    if not grid.unlabelled_classes:
+        return None
+    found = {
+        f"b{budget or 'all'} s{seed}": unlabelled_outlook(
+            with_budget(student, budget, seed, grid.unlabelled_classes), bank
+        )["correlation"]
+        for budget in grid.budgets
+        for seed in grid.seeds
+    }
+    mean = float(sum(found.values()) / len(found))
+    return {"r": found, "r_mean": mean, "verdict": verdict(mean)}
+
+
 def control_bank(bank: TeacherBank, control: str) -> TeacherBank:
     """The bank a run with ``control`` (one of :data:`CONTROLS`) trains against."""
     if control == "shuffled":
@@ -257,12 +276,13 @@ def control_bank(bank: TeacherBank, control: str) -> TeacherBank:
 class Work:
     """What a grid still has to do, and what it had done: each distinct teacher's dataset (by
     :func:`teacher_key`; the largest, the longest to train, first), the recorded runs by
-    index, and per pair the runs to train (the longest budgets first)."""
+    index, per pair the runs to train (the longest budgets first) and its student dataset."""
 
     teacher_sets: dict[str, ModalityDataset]
     key_of_pair: dict[str, str]
     records: dict[int, dict]
     todo: dict[str, list[Run]]
+    students: dict[str, ModalityDataset]
 
     def pairs_of(self, key: str) -> list[str]:
         """The pairs that share the teacher ``key``."""
@@ -296,7 +316,7 @@ def prepare(grid: Grid, data: DataParams, done: Iterable[dict] = ()) -> Work:
     for runs in todo.values():
         runs.sort(key=lambda r: (r.budget is not None, -(r.budget or 0)))
     by_size = sorted(teacher_sets, key=lambda key: -_size(teacher_sets[key]))
-    return Work({key: teacher_sets[key] for key in by_size}, key_of_pair, records, todo)
+    return Work({key: teacher_sets[key] for key in by_size}, key_of_pair, records, todo, students)
 
 
 def _size(dataset: ModalityDataset) -> int:

@@ -269,3 +269,22 @@ def unseen_table(rows: list[dict]) -> str:
         head = [r["pair"], r["pairing"], r["budget"], r["method"], r["control"] or "-"]
         lines.append("| " + " | ".join(map(str, [*head, r["seeds"], *cells])) + " |")
     return "\n".join(lines) + "\n"
+
+
+def outlook_table(teachers: dict[str, dict]) -> str:
+    """The check before training of each pair that had one (``teachers[pair]["outlook"]``, from
+    :func:`cmkd_core.benchmark.plan.grid_outlook`) as a markdown table; ``""`` when none had."""
+    rows = [(pair, facts["outlook"]) for pair, facts in teachers.items() if "outlook" in facts]
+    if not rows:
+        return ""
+    lines = [
+        "Before training: the teacher's class similarities against the raw inputs' over the "
+        "labelled classes (cmkd_core/align/outlook.py)",
+        "",
+        "| pair | r (mean over draws) | r per draw | verdict |",
+        "|---|---|---|---|",
+    ]
+    for pair, found in rows:
+        each = ", ".join(f"{v:+.2f}" for v in found["r"].values())
+        lines.append(f"| {pair} | {found['r_mean']:+.2f} | {each} | {found['verdict']} |")
+    return "\n".join(lines) + "\n"

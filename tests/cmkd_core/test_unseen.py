@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from cmkd_core.align.outlook import DOUBT, input_outlook, input_vectors, verdict
+from cmkd_core.bank import TeacherBank
 from cmkd_core.config import DataParams
 from cmkd_core.data import DataContractError, check_dataset, check_pair, write_dataset
 from cmkd_core.data.contract import ModalityDataset
+from cmkd_core.data.tensors import Samples
 from cmkd_core.data.unseen import unlabelled_class_names, withhold
 from cmkd_core.distill import extract_bank
 from cmkd_core.distill.auto import choose
 from cmkd_core.metrics import seen_unseen
-from cmkd_core.recipes import fit_student, fit_teacher
+from cmkd_core.recipes import fit_student, fit_teacher, unlabelled_outlook
 
 CPU = torch.device("cpu")
 DIGITS = tuple(str(i) for i in range(10))
@@ -115,3 +118,46 @@ def test_no_label_of_an_unlabelled_class_is_read_by_training_or_selection(
     assert record["val_score"] == record["val_accuracy"] - record["val_prior_tv"]
     if method == "ce":  # without the teacher nothing names a class it has no label for
         assert record["val_pool_classes"] <= len(DIGITS) - len(hidden)
+
+
+def test_the_check_before_training_reads_no_label_of_an_unlabelled_class(hidden_pair):
+    student, bank, hidden = hidden_pair
+    found = unlabelled_outlook(student, bank)
+    assert found == unlabelled_outlook(_garbled(student, hidden), bank)
+    assert found["classes"] == len(DIGITS) - len(hidden)
+    assert "3 classes without labels (2, 5, 8)" in found["line"]
+    # the embedded spoken digits against the handwritten digits: no shared class geometry
+    assert found["correlation"] < DOUBT and found["verdict"].startswith("do not expect")
+    assert unlabelled_outlook(replace(student, meta=replace(student.meta, extra={})), bank) is None
+
+
+def _bank_of(features: torch.Tensor, labels: torch.Tensor) -> TeacherBank:
+    classes = tuple(str(c) for c in range(int(labels.max()) + 1))
+    return TeacherBank(
+        features=features,
+        labels=labels,
+        splits=torch.zeros(len(labels), dtype=torch.long),
+        head_weight=torch.zeros(len(classes), features.shape[1]),
+        head_bias=torch.zeros(len(classes)),
+        classes=classes,
+        info={},
+        ids=tuple(str(i) for i in range(len(labels))),
+    )
+
+
+def test_the_check_before_training_tells_shared_from_unrelated_class_geometry():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(8).repeat(20)
+    centres = torch.randn(8, 16, generator=gen) + torch.randn(16, generator=gen)
+    bank = _bank_of(centres[labels] + 0.3 * torch.randn(160, 16, generator=gen), labels)
+    # clips of 5 frames, 2 of them padding with a huge value: only valid frames count
+    frames = centres[labels][:, None, :].repeat(1, 5, 1) + 0.3 * torch.randn(160, 5, 16)
+    frames[:, 3:] = 1e6
+    same = Samples((frames, torch.full((160,), 3)), labels)
+    assert torch.allclose(input_vectors(same)[0], frames[0, :3].double().mean(0))
+    shared = input_outlook(bank, [same], hidden=[6, 7])
+    assert shared["classes"] == 6 and shared["correlation"] > 0.9
+    assert shared["verdict"] == verdict(1.0) and verdict(1.0).startswith("expect")
+    other = torch.randn(8, 16, generator=gen)[labels] + 0.3 * torch.randn(160, 16, generator=gen)
+    unrelated = input_outlook(bank, [Samples((other,), labels)], hidden=[6, 7])
+    assert unrelated["correlation"] < shared["correlation"] - 0.3

@@ -222,6 +222,10 @@ def test_a_grid_with_classes_left_without_labels_reports_them_and_keys_its_runs_
             assert r["classes_predicted"] <= 7 and r["test_accuracy_unlabelled_classes"] < 0.1
     rows = {(r["method"], r["control"]): r for r in hidden["unseen_summary"]}
     assert set(rows) == {("ce", ""), ("la", ""), ("la", "shuffled")}
-    assert "Classes without labels" in (tmp_path / "out" / "t.md").read_text()
+    table = (tmp_path / "out" / "t.md").read_text()
+    assert "Classes without labels" in table
+    outlook = hidden["teachers"]["digits->fsdd"]["outlook"]  # checked before any training
+    assert set(outlook["r"]) == {"b5 s0", "b5 s1"} and outlook["verdict"].startswith("do not")
+    assert f"| digits->fsdd | {outlook['r_mean']:+.2f} |" in table
     # The same grid with every class labelled is another experiment: nothing is reused.
     assert _bench(tmp_path, "--resume", "--jobs", "1")["resumed_runs"] == 0
