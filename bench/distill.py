@@ -38,7 +38,7 @@ from default_pair import setup  # noqa: E402
 from step_timing import sync  # noqa: E402
 
 from cmkd_core.data import write_text_atomic  # noqa: E402
-from cmkd_core.data.augment import input_kind, views_for  # noqa: E402
+from cmkd_core.data.augment import views_for  # noqa: E402
 from cmkd_core.data.samplers import ClassMatchedSampler  # noqa: E402
 from cmkd_core.data.tensors import samples_of  # noqa: E402
 from cmkd_core.distill.loop import train_step, warmup_cosine  # noqa: E402
@@ -55,7 +55,7 @@ def measure(method_name, params, student, bank, batch_size, steps, device, profi
     views = None
     if method.uses_views:
         norm = model.encoder.norm
-        views = views_for(input_kind(train.inputs), norm.mean, norm.std)
+        views = views_for(train.kind, norm.mean, norm.std)
     late = params.ssl.start + params.ssl.ramp  # the unlabelled term at full weight
     weights = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(weights, lr=params.lr, weight_decay=params.weight_decay)

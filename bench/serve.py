@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     dataset = read_dataset(ROOT / "data" / "prepared" / "student")
     test = samples_of(dataset, dataset.rows("test").iloc[:64])
-    x64, lengths64 = (t.numpy() for t in test.inputs)
+    x64, lengths64 = (t.numpy() for t in test.take(torch.arange(len(test)))[0])
     clips = [x64[i, :n] for i, n in enumerate(lengths64)]
     onnx, int8 = (
         ROOT / "data" / "export" / "student.onnx",

@@ -108,8 +108,8 @@ def onnx_logits(
     samples = samples.to("cpu")
     names = [i.name for i in session.get_inputs()]
     out = []
-    for start in range(0, len(samples), batch_size):
-        inputs, _ = samples.take(torch.arange(start, min(start + batch_size, len(samples))))
+    for index in samples.batches(batch_size):
+        inputs, _ = samples.take(index)
         feed = {name: t.numpy() for name, t in zip(names, inputs, strict=True)}
         out.append(session.run(["logits"], feed)[0])
     return np.concatenate(out)

@@ -14,7 +14,7 @@ import torch
 from cmkd_core.align.outlook import input_outlook, outlook_line
 from cmkd_core.bank import TeacherBank, restrict_bank
 from cmkd_core.config import DistillParams, TeacherParams
-from cmkd_core.data.augment import compose, input_kind, make_view, views_for
+from cmkd_core.data.augment import compose, make_view, views_for
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.presets import domain_shift, preset
 from cmkd_core.data.tensors import Samples, samples_of, training_frames
@@ -216,7 +216,7 @@ def fit_student(
         unlabelled = unlabelled_samples(dataset, bank, params.pairing == "paired", device)
     spec = student_spec(dataset, bank, params)
     model = new_model(spec, data["train"], device, params.seed)
-    kind = input_kind(data["train"].inputs)
+    kind = data["train"].kind
     norm = model.encoder.norm
     shift = None
     if robustness.shift_level is not None:

@@ -104,8 +104,8 @@ def samples_labels(dataset: ModalityDataset) -> np.ndarray:
 
 def _batches(dataset: ModalityDataset, batch_size: int):
     samples = samples_of(dataset, dataset.manifest)
-    for start in range(0, len(samples), batch_size):
-        yield samples.take(torch.arange(start, min(start + batch_size, len(samples))))[0]
+    for index in samples.batches(batch_size):
+        yield samples.take(index)[0]
 
 
 def bank_from_onnx(

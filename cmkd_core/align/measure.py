@@ -27,8 +27,8 @@ def split_features(
     model = model.cpu().eval()
     samples = samples_of(dataset, dataset.rows(split), classes)
     chunks = []
-    for i in range(0, len(samples), 512):
-        features = model.features(*samples.take(torch.arange(i, min(i + 512, len(samples))))[0])
+    for index in samples.batches(512):
+        features = model.features(*samples.take(index)[0])
         chunks.append(model.projector(features) if project else features)
     return torch.cat(chunks), samples.labels
 

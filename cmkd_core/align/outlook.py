@@ -35,12 +35,14 @@ DOUBT = 0.2
 
 def input_vectors(samples: Samples) -> torch.Tensor:
     """One float64 vector per sample ``(N, D)``: fixed-size inputs ``(N, *shape)`` flattened, or
-    the frames of sequences ``(N, T, F)`` averaged over each one's length (``(N, F)``)."""
+    each sequence's frames ``(length, F)`` averaged (``(N, F)``)."""
     if samples.is_sequence:
-        x, lengths = samples.inputs
-        valid = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).to(x.dtype)
-        summed = (x * valid[..., None]).sum(1)
-        return (summed / lengths.clamp_min(1)[:, None].to(x.dtype)).double()
+        lengths = samples.inputs[2]
+        frames = samples.frames().flatten(1).double()
+        owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        summed = torch.zeros(len(lengths), frames.shape[1], dtype=torch.float64)
+        summed.index_add_(0, owner, frames)
+        return summed / lengths.clamp_min(1)[:, None].double()
     return samples.inputs[0].flatten(1).double()
 
 

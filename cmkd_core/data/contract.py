@@ -217,22 +217,22 @@ class ModalityDataset:
             block = self.arrays[file][offset : offset + length]
             yield block if self.meta.kind == "sequence" else block[0]
 
-    def padded_sequences(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Samples of a sequence dataset, zero-padded.
-
-        Returns ``x`` of shape ``(n, max_length, *sample_shape)`` float32 and ``lengths`` of
-        shape ``(n,)`` int64; frames past a sample's length are zero.
-        """
+    def sequence_frames(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The frames of a sequence dataset's ``rows``, unpadded: ``frames (M, *sample_shape)``
+        float32, and each row's ``starts`` and ``lengths`` ``(n,)`` int64 in it. When every row
+        lies in one array file, ``frames`` is that (memory-mapped) array itself and nothing is
+        copied; otherwise the rows' frames are copied into one array, row after row."""
         if self.meta.kind != "sequence":
             raise ValueError(f"{self.root}: dataset is {self.meta.kind}, not sequence")
         lengths = np.array(rows["length"], dtype=np.int64)
-        max_len = int(lengths.max()) if len(lengths) else 0
-        out = np.zeros((len(rows), max_len, *self.meta.sample_shape), dtype=np.float32)
-        for i, (file, offset, length) in enumerate(
-            zip(rows["file"], rows["offset"], lengths, strict=True)
-        ):
-            out[i, :length] = self.arrays[file][offset : offset + length]
-        return out, lengths
+        files = rows["file"].unique()
+        if len(files) == 1 and self.arrays[files[0]].dtype == np.float32:
+            return self.arrays[files[0]], np.array(rows["offset"], dtype=np.int64), lengths
+        frames = np.empty((int(lengths.sum()), *self.meta.sample_shape), dtype=np.float32)
+        starts = np.cumsum(lengths) - lengths
+        for start, block in zip(starts, self.each_sample(rows), strict=True):
+            frames[start : start + len(block)] = block
+        return frames, starts, lengths
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

@@ -101,8 +101,8 @@ def _in_batches(call, model: Classifier, samples: Samples, batch_size: int) -> t
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(samples), batch_size):
-        inputs, _ = samples.take(torch.arange(start, min(start + batch_size, len(samples))))
+    for index in samples.batches(batch_size):
+        inputs, _ = samples.take(index)
         out.append(call(*inputs))
     model.train(was_training)
     return torch.cat(out)

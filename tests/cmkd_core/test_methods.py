@@ -129,7 +129,7 @@ def test_a_method_is_configured_once_with_the_settings_it_uses_and_no_params_obj
 def test_paired_only_methods_refuse_unpaired_data(name):
     bank = _bank()
     x = torch.randn(16, 7, 5)
-    train = Samples((x, torch.full((16,), 7)), torch.arange(16) % C)
+    train = Samples.from_padded(x, torch.full((16,), 7), torch.arange(16) % C)
     settings = TrainSettings(1, 8, 1e-3, 0.0, 0, 0, progress=False)
     method = create_method(name, DistillParams(), bank)
     with pytest.raises(

@@ -155,8 +155,8 @@ def test_paired_methods_take_their_teacher_term_over_unlabelled_pairs(name):
     assert float(method(_student(), batch)[term]) != pytest.approx(labelled_only)
     # Through the loop: unlabelled samples with pairs reach every batch of a paired run.
     x, lengths = _sequences(16, 4)
-    train = Samples((x, lengths), torch.arange(16) % C, pair_index=torch.arange(16))
-    unlabelled = Samples(_sequences(10, 5), torch.zeros(10, dtype=torch.long))
+    train = Samples.from_padded(x, lengths, torch.arange(16) % C, pair_index=torch.arange(16))
+    unlabelled = Samples.from_padded(*_sequences(10, 5), torch.zeros(10, dtype=torch.long))
     seen = []
     real = method.extra
 
@@ -181,7 +181,7 @@ def test_step_budget_does_not_shrink_with_the_labelled_set():
     batches = list(round_batches(50, 64, 5, torch.Generator().manual_seed(0)))
     assert len(batches) == 5 and all(len(b) == 50 for b in batches)
     x, lengths = _sequences(20, 0)
-    train = Samples((x, lengths), torch.arange(20) % C)
+    train = Samples.from_padded(x, lengths, torch.arange(20) % C)
     steps = []
     method = create_method("ce", DistillParams())
     real = method.forward

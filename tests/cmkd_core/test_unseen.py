@@ -153,7 +153,7 @@ def test_the_check_before_training_tells_shared_from_unrelated_class_geometry():
     # clips of 5 frames, 2 of them padding with a huge value: only valid frames count
     frames = centres[labels][:, None, :].repeat(1, 5, 1) + 0.3 * torch.randn(160, 5, 16)
     frames[:, 3:] = 1e6
-    same = Samples((frames, torch.full((160,), 3)), labels)
+    same = Samples.from_padded(frames, torch.full((160,), 3), labels)
     assert torch.allclose(input_vectors(same)[0], frames[0, :3].double().mean(0))
     shared = input_outlook(bank, [same], hidden=[6, 7])
     assert shared["classes"] == 6 and shared["correlation"] > 0.9

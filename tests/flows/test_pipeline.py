@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 import yaml
 from conftest import TINY, git, make_scratch_repo
 
@@ -215,7 +216,7 @@ def test_cmkd_predict_on_the_test_clips_agrees_with_the_metrics(pipeline_run, sc
     clips = scratch_repo / "clips"
     clips.mkdir(exist_ok=True)
     test = samples_of(dataset, rows)
-    x, lengths = (t.numpy() for t in test.inputs)
+    x, lengths = (t.numpy() for t in test.take(torch.arange(len(test)))[0])
     for i in range(len(rows)):
         np.save(clips / f"{i:04d}.npy", x[i, : lengths[i]])
     done = _python(

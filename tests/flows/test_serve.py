@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from cmkd_core.data import check_pair
 from cmkd_core.deploy import Limits
@@ -76,7 +77,7 @@ def exported(pair_root, tiny_params, tmp_path_factory):
     clips = folder / "clips"
     clips.mkdir()
     test = split["test"]
-    x, lengths = (t.numpy() for t in test.inputs)
+    x, lengths = (t.numpy() for t in test.take(torch.arange(len(test)))[0])
     for i in range(40):
         np.save(clips / f"clip{i:03d}.npy", x[i, : lengths[i]])
     return {

@@ -43,8 +43,8 @@ def test_default_pair_passes_and_the_report_is_written(pair_root, tmp_path):
     assert teacher.meta.classes == student.meta.classes
     assert len(student.rows("train", labelled_only=True)) == 100
     assert student.meta.kind == "sequence" and teacher.meta.kind == "fixed"
-    x, lengths = student.padded_sequences(student.rows("test"))
-    assert x.shape[2] == 13 and lengths.min() >= 6 and lengths.max() <= 92
+    frames, _, lengths = student.sequence_frames(student.rows("test"))
+    assert frames.shape[1] == 13 and lengths.min() >= 6 and lengths.max() <= 92
     _copy(pair_root, tmp_path)
     report = validate_pair.fn(Layout(tmp_path / "project"))
     assert report["student"]["samples"] == {"train": 2000, "val": 500, "test": 500}
