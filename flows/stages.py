@@ -70,7 +70,7 @@ def distill(root: str = ".") -> dict:
 
     layout = Layout(Path(root))
     params = load_params(layout.params).distill
-    outlook(layout)
+    outlook(layout, params)
     result = {m: distill_student(layout, params, m) for m in plan_candidates(layout, params)}
     if params.method == "auto":
         result["auto"] = select_student(layout, result)
