@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,13 +58,25 @@ def materialise_default_pair(layout: Layout, params: DataParams) -> dict[str, in
     return counts
 
 
+def link_or_copy(source: str, target: str) -> str:
+    """Hard-link ``source`` at ``target`` (no second copy of the arrays on the disk), or copy it
+    where a link cannot be made (another file system). Nothing writes into a prepared file in
+    place: files are replaced whole (``write_text_atomic``), which leaves the import as it was."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target
+
+
 @task(name="copy-imported-pair", cache_policy=NONE, retries=1)
 def copy_imported_pair(
     layout: Layout, params: DataParams, roles: tuple[str, ...] = ("teacher", "student")
 ) -> dict[str, int]:
-    """Copy the user's contract folders ``import_dir/{teacher,student}`` (those of ``roles``)
-    into ``data/prepared``; a student without ``labelled.csv`` gets ``labelled_per_class`` labels
-    per class drawn with ``seed``. Checking them is the ``validate`` stage's job."""
+    """Hard-link (or copy) the user's contract folders ``import_dir/{teacher,student}`` (those of
+    ``roles``) into ``data/prepared``; a student without ``labelled.csv`` gets
+    ``labelled_per_class`` labels per class drawn with ``seed``. Checking them is the
+    ``validate`` stage's job."""
     source = layout.root / params.import_dir
     counts: dict[str, int] = {}
     missing = [
@@ -78,7 +91,7 @@ def copy_imported_pair(
         folder = source / role
         staging = target.with_name(f".staging-{role}")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(folder, staging)
+        shutil.copytree(folder, staging, copy_function=link_or_copy)
         if role == "student" and not (staging / LABELLED).is_file():
             manifest = pd.read_csv(staging / "manifest.csv", dtype={"id": str, "label": str})
             mask = labelled_subset(
