@@ -37,6 +37,7 @@ WITH_LAYOUT = {
     "seeds": commands.seeds,
     "bench": commands.bench,
     "run": commands.run,
+    "push": commands.push,
     "summary": commands.summary,
 }
 """The commands that run under :func:`main`'s error handling, given the project's layout."""

@@ -115,7 +115,9 @@ def run(args: argparse.Namespace, layout: Layout) -> int:
     log = run_console(layout.logs, args.verbose)
     print(f"cmkd run: stage, outcome, seconds (full log: {log})", flush=True)
     try:
-        result = run_flow(pipeline, meanwhile=STAGE_MODULES, root=args.root)
+        result = run_flow(
+            pipeline, meanwhile=STAGE_MODULES, root=args.root, push_to_same_disk=args.push
+        )
     except StageFailedError as exc:
         print(f"cmkd: {exc}\n  full log: {log}", file=sys.stderr)
         return exc.exit_code
@@ -125,6 +127,19 @@ def run(args: argparse.Namespace, layout: Layout) -> int:
     if onnx.is_relative_to(Path.cwd()):
         onnx = onnx.relative_to(Path.cwd())  # as the user would type it
     print(summary_text(result["metrics"], str(onnx)))
+    return 0
+
+
+def push(args: argparse.Namespace, layout: Layout) -> int:
+    """``cmkd push``: ``dvc push`` of the project's cached artifacts to its default remote,
+    wherever that is (``cmkd run`` skips a remote on the cache's disk)."""
+    from dvc.repo import Repo
+
+    with Repo(str(layout.root)) as repo:
+        if not repo.config["core"].get("remote"):
+            print("cmkd push: no default DVC remote (dvc remote add -d NAME URL)", file=sys.stderr)
+            return 2
+        print(f"cmkd push: {repo.push()} files pushed")
     return 0
 
 

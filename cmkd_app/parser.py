@@ -10,6 +10,12 @@ from flows.registry import NAMES
 def _pipeline_commands(sub) -> dict[str, argparse.ArgumentParser]:
     """``run``, ``stage``, ``summary``, ``bench``, ``bank`` and ``seeds``."""
     run = sub.add_parser("run", help="run the whole pipeline through DVC")
+    run.add_argument(
+        "--push",
+        action="store_true",
+        help="push to the default DVC remote even when it is on the same disk as the cache",
+    )
+    push = sub.add_parser("push", help="push the cached artifacts to the default DVC remote")
     stage = sub.add_parser("stage", help="run one stage's flow (as dvc.yaml does)")
     stage.add_argument("name", choices=NAMES)
     show = sub.add_parser("summary", help="print the last run's results")
@@ -64,6 +70,7 @@ def _pipeline_commands(sub) -> dict[str, argparse.ArgumentParser]:
     seeds.add_argument("--address", help="an existing Dask scheduler, e.g. tcp://host:8786")
     return {
         "run": run,
+        "push": push,
         "stage": stage,
         "summary": show,
         "bench": bench,

@@ -26,6 +26,7 @@ PARAMS = ("dvc.yaml", "params.yaml")
 """The same for the commands that read only the parameters and the data."""
 NEEDS = {
     "run": PROJECT,
+    "push": PROJECT,
     "summary": PROJECT,
     "server": PROJECT,
     "deploy": PROJECT,

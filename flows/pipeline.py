@@ -9,7 +9,9 @@ The flow is what ``cmkd run`` and the scheduled deployment (``prefect.yaml``) ru
 3. ``dvc repro --single-item`` for each stage in order (DVC skips the unchanged ones); the
    stage commands DVC starts have their flows run here, in this process, as subflows
    (tasks/stage_host.py), so torch and Prefect are imported once per run, not per stage;
-4. ``dvc push`` of the new artifacts;
+4. ``dvc push`` of the new artifacts, unless the default remote is a folder on the disk of
+   DVC's cache (the default ``.cmkd/dvc-remote``): a second copy of every artifact on the same
+   disk buys nothing at scale (``cmkd run --push`` or ``cmkd push`` makes it anyway);
 5. a run record, ``.cmkd/runs/<time>-<flow run name>.json``: what was stale, what ran, what
    DVC restored from its run cache, which training runs resumed from a checkpoint and at
    which epoch (tasks/resumed.py; the stage's line says it too), whether it pushed, the
@@ -119,11 +121,12 @@ def _record(root: Path, record: dict) -> Path:
 
 
 @flow(name="pipeline")
-def pipeline(root: str = ".") -> dict:
+def pipeline(root: str = ".", push_to_same_disk: bool = False) -> dict:
     """Pull, reproduce every stale stage of ``dvc.yaml`` in order, push, record the run.
 
     Returns the evaluation metrics, where the ONNX student is, which stages were stale and
-    which ran (``nothing_to_do`` when none was), and the run record's path. Bad params
+    which ran (``nothing_to_do`` when none was), and the run record's path. The push is
+    skipped for a remote on the disk of DVC's cache unless ``push_to_same_disk``. Bad params
     (``ParamsError``: an unknown method, a typo in a key) stop it before any stage runs.
     """
     root_path = Path(root).resolve()
@@ -150,7 +153,7 @@ def pipeline(root: str = ".") -> dict:
                 record.setdefault("seconds", {})[stage] = round(seconds, 2)
                 line = stage_line(stage, outcome, seconds, root_path)
                 logger.info("%s", line, extra={"cmkd_line": True})
-        record["pushed"] = push(root_path)
+        record["pushed"] = push(root_path, force=push_to_same_disk)
     else:
         logger.info("nothing to do: every stage is up to date")
         record["pushed"] = False

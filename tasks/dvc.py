@@ -190,12 +190,45 @@ def _reproduce(root: Path, stage: str, env: dict[str, str], host: StageHost | No
     return messages
 
 
-def _with_remote(root: Path, action: str) -> bool:
-    """A pull or a push against the default remote; ``False`` without one."""
+def _same_device(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` (or, where they do not exist yet, their nearest existing
+    parents) lie on one file system."""
+
+    def existing(path: Path) -> Path:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    return os.stat(existing(a)).st_dev == os.stat(existing(b)).st_dev
+
+
+def same_disk_remote(repo) -> str | None:
+    """The default remote's path when it is a folder on the file system of DVC's cache, where a
+    push would only copy every artifact a second time onto the same disk; ``None`` for any other
+    remote (an object store, another disk) or none. ``repo``: a ``dvc.repo.Repo``."""
+    name = repo.config["core"].get("remote")
+    if not name:
+        return None
+    url = str(repo.config["remote"][name]["url"])
+    if "://" in url:
+        return None
+    return url if _same_device(Path(url), Path(repo.cache.local.path)) else None
+
+
+def _with_remote(root: Path, action: str, force: bool = True) -> bool:
+    """A pull or a push against the default remote; ``False`` without one, and for a push
+    without ``force`` to a remote on the same disk as the cache (:func:`same_disk_remote`)."""
     logger = get_run_logger()
     with _repo(root) as repo:
         if not repo.config["core"].get("remote"):
             logger.info("no default DVC remote: nothing to %s", action)
+            return False
+        if action == "push" and not force and (url := same_disk_remote(repo)):
+            logger.info(
+                "not pushed: the default remote %s is on the disk of DVC's cache, where a push "
+                "would only copy every artifact again (cmkd push, or cmkd run --push, does)",
+                url,
+            )
             return False
         if action == "pull":
             stats = repo.pull(allow_missing=True).get("stats", {})
@@ -341,6 +374,7 @@ def reproduce_stage(
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def push(root: Path) -> bool:
-    """Upload the cached outputs to the default remote; ``False`` without one."""
-    return _with_remote(root, "push")
+def push(root: Path, force: bool = False) -> bool:
+    """Upload the cached outputs to the default remote; ``False`` without one, and, unless
+    ``force``, for a remote on the same disk as DVC's cache (:func:`same_disk_remote`)."""
+    return _with_remote(root, "push", force)

@@ -267,15 +267,17 @@ def test_changed_input_retrains_pushes_and_the_card_names_the_run(pipeline_run, 
     from flows.pipeline import pipeline
 
     first = json.loads(Path(pipeline_run["record"]).read_text())
-    assert first["ran"] == list(STAGES) and first["pulled"] and first["pushed"]
+    # the default remote is a folder on the cache's disk: a run does not copy it all there
+    assert first["ran"] == list(STAGES) and first["pulled"] and not first["pushed"]
     remote = scratch_repo / ".cmkd" / "dvc-remote"
-    assert len([p for p in remote.rglob("*") if p.is_file()]) > 5
+    assert not [p for p in remote.rglob("*") if p.is_file()]
     params_file = scratch_repo / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["distill"]["seed"] = 1
     params_file.write_text(yaml.safe_dump(params))
     try:
-        changed = pipeline(root=str(scratch_repo))
+        changed = pipeline(root=str(scratch_repo), push_to_same_disk=True)  # cmkd run --push
+        assert len([p for p in remote.rglob("*") if p.is_file()]) > 5
         assert "distill" in changed["stale"] and "teacher" not in changed["stale"]
         assert not changed["nothing_to_do"]
         assert changed["ran"] == ["distill", "evaluate", "export"]
@@ -308,6 +310,8 @@ def test_a_run_with_nothing_new_changes_nothing(pipeline_run, scratch_repo):
 
 
 def test_dvc_remote_round_trip_restores_the_artifacts(pipeline_run, scratch_repo):
+    pushed = _python(scratch_repo, "cmkd_app.cli", "push")
+    assert pushed.returncode == 0 and "files pushed" in pushed.stdout, pushed.stderr
     cached = ["data/distill", "data/export", "data/teacher/bank.safetensors", ".dvc/cache"]
     onnx = scratch_repo / "data" / "export" / "student.onnx"
     onnx_bytes = onnx.read_bytes()
@@ -381,3 +385,18 @@ def test_bad_dataset_stops_the_run_and_leaves_outputs_alone(pipeline_run, scratc
     }
     problems = (scratch_repo / ".cmkd" / "reports" / "validation-problems.txt").read_text()
     assert "frames.npy column=- row=0 check=finite" in problems
+
+
+def _reflinks(folder: Path) -> bool:
+    """Whether ``folder``'s file system makes copy-on-write copies (DVC then prefers them)."""
+    (folder / "a").write_bytes(b"x")
+    done = subprocess.run(["cp", "--reflink=always", folder / "a", folder / "b"], check=False)
+    return done.returncode == 0
+
+
+def test_outputs_are_linked_to_dvcs_cache_not_copied(pipeline_run, scratch_repo, tmp_path):
+    for name in ("data/export/student.onnx", "data/teacher/bank.safetensors"):
+        output = scratch_repo / name
+        linked = [p for p in (scratch_repo / ".dvc" / "cache").rglob("*") if p.is_file()]
+        same = [p for p in linked if p.stat().st_ino == output.stat().st_ino]
+        assert same or _reflinks(tmp_path), f"{name} is a second copy of its cache file"
