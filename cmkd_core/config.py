@@ -210,6 +210,12 @@ class DistillParams(_Strict):
     """Optimiser steps at least, whatever the labelled set's size: training runs
     ``max(epochs * batches per pass, min_steps)`` steps in ``epochs`` equal rounds, so five
     labelled samples per class (one batch) are not trained for only ``epochs`` steps."""
+    val_subset: int | None = Field(2000, ge=10)
+    """Validation samples each round is scored on: a fixed draw, stratified by class (``seed``),
+    when the split is larger, so that validation does not grow with N x rounds; the selected
+    round's student is then scored on the whole split, the number ``auto`` compares. The same
+    cap applies to the unlabelled samples the class-prior signal predicts. ``null``: the
+    whole split every round."""
     augment: Literal["none", "weak", "strong"] = "weak"
     """View of the labelled training batches (cmkd_core.data.augment), the same for every
     method; semi-supervised methods label the unlabelled weak view and learn its strong one."""

@@ -17,6 +17,7 @@ from cmkd_core.config import DistillParams, TeacherParams
 from cmkd_core.data.augment import compose, make_view, views_for
 from cmkd_core.data.contract import ModalityDataset
 from cmkd_core.data.presets import domain_shift, preset
+from cmkd_core.data.samplers import stratified_subset
 from cmkd_core.data.tensors import Samples, samples_of, training_frames
 from cmkd_core.distill.auto import VARIANTS
 from cmkd_core.distill.batches import BatchSource
@@ -27,6 +28,7 @@ from cmkd_core.distill.train import (
     TrainSettings,
     seed_everything,
     train_classifier,
+    validation_record,
 )
 from cmkd_core.models import Classifier
 from cmkd_core.models.checkpoint import build_classifier
@@ -248,9 +250,31 @@ def fit_student(
         desc=name,
     )
     val, prior = selection(dataset, bank, device, data["val"], unlabelled)
-    extra = {} if prior is None else {"prior": prior}
-    result = trainer(model, learner, batches, val, settings, desc=name, **extra)
+    each_val, each_prior = round_subsets(val, prior, params.val_subset, params.seed)
+    extra = {} if each_prior is None else {"prior": each_prior}
+    result = trainer(model, learner, batches, each_val, settings, desc=name, **extra)
+    if each_val is not val or each_prior is not prior:  # the chosen round, on everything
+        full = validation_record(model, val, prior)
+        result.best_val_accuracy = full["val_accuracy" if prior is None else "val_score"]
+        result.full_validation = full
     return Fitted(model, spec, result), data
+
+
+def round_subsets(
+    val: Samples, prior: ClassPrior | None, size: int | None, seed: int
+) -> tuple[Samples, ClassPrior | None]:
+    """What each round validates on (``distill.val_subset``): at most ``size`` of ``val``,
+    stratified by class, and of the prior's unlabelled pool a uniform draw (its labels are not
+    read); each unchanged when it is no larger."""
+    if size is None:
+        return val, prior
+    if len(val) > size:
+        val = val.subset(stratified_subset(val.labels, size, seed))
+    if prior is not None and len(prior.pool) > size:
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.sort(torch.randperm(len(prior.pool), generator=generator)[:size]).values
+        prior = ClassPrior(prior.pool.subset(keep), prior.proportions)
+    return val, prior
 
 
 def resolve(name: str, params: DistillParams) -> tuple[str, DistillParams]:

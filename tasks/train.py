@@ -185,6 +185,11 @@ def write_student(
         summary["selected_on"] = "val_score"
         summary["val_accuracy_labelled_classes"] = best["val_accuracy"]
         summary["classes_predicted"] = int(best["val_pool_classes"])
+    if result.full_validation is not None:  # rounds saw a subset (distill.val_subset)
+        summary["validated_on"] = "subset each round, the whole split for the chosen round"
+        summary["full_validation"] = result.full_validation
+        if "val_score" in best:
+            summary["val_accuracy_labelled_classes"] = result.full_validation["val_accuracy"]
     info = {**summary, "teacher": bank.info, "classes": list(bank.classes)}
     save_classifier(fitted.model, fitted.spec, weights, info)
     write_json(history, {**summary, "history": fitted.result.history})

@@ -59,3 +59,18 @@ class ClassMatchedSampler:
         u = torch.rand(labels.shape, generator=generator, device=self._counts.device)
         offset = (u * self._counts[labels]).long().clamp_max(self._counts[labels] - 1)
         return self._order[self._starts[labels] + offset]
+
+
+def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of about ``size`` of ``labels (N,)``, each class in proportion to its
+    count (at least one each), drawn with ``seed``; all of them when ``size >= N``."""
+    if size >= len(labels):
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    chosen = []
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).flatten()
+        take = max(1, round(size * len(members) / len(labels)))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.sort(torch.cat(chosen)).values

@@ -95,6 +95,15 @@ class Samples:
         if start < len(self):
             yield torch.arange(start, len(self))
 
+    def subset(self, index: torch.Tensor) -> Samples:
+        """The samples at ``index (b,)``, sharing these samples' tensors' storage of frames."""
+        index = index.to(self.labels.device)
+        pairs = self.pair_index[index] if self.pair_index is not None else None
+        if self.is_sequence:
+            frames, starts, lengths = self.inputs
+            return Samples((frames, starts[index], lengths[index]), self.labels[index], pairs)
+        return Samples((self.inputs[0][index],), self.labels[index], pairs)
+
     def frames(self) -> torch.Tensor:
         """The valid frames of all sequences, sample after sample, ``(sum of lengths, F)``."""
         frames, starts, lengths = self.inputs

@@ -87,6 +87,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
+    full_validation: dict[str, float] | None = None
+    """When each round saw a subset of validation: the selected round's student on all of it
+    (``best_val_accuracy`` is then its accuracy, or score)."""
 
     @property
     def best_record(self) -> dict[str, float]:
@@ -118,6 +121,22 @@ def predict_features(model: Classifier, samples: Samples, batch_size: int = 512)
     return _in_batches(model.features, model, samples, batch_size)
 
 
+def validation_record(
+    model: Classifier, val: Samples, prior: ClassPrior | None = None
+) -> dict[str, float]:
+    """``val_accuracy`` and ``val_loss`` of ``model`` on ``val``; with a ``prior``, also
+    :func:`prior_fit`'s signals and ``val_score`` (the accuracy minus the prior's distance)."""
+    logits = predict_logits(model, val)
+    record = {
+        "val_accuracy": float((logits.argmax(1) == val.labels).float().mean()),
+        "val_loss": float(F.cross_entropy(logits, val.labels)),
+    }
+    if prior is not None:
+        record.update(prior_fit(model, prior))
+        record["val_score"] = record["val_accuracy"] - record["val_prior_tv"]
+    return record
+
+
 def train_classifier(
     model: Classifier,
     method: Method,
@@ -143,15 +162,7 @@ def train_classifier(
     per_round, generator = batches.per_round, batches.generator
 
     def validate() -> dict[str, float]:
-        logits = predict_logits(model, val)
-        record = {
-            "val_accuracy": float((logits.argmax(1) == val.labels).float().mean()),
-            "val_loss": float(F.cross_entropy(logits, val.labels)),
-        }
-        if prior is not None:
-            record.update(prior_fit(model, prior))
-            record["val_score"] = record["val_accuracy"] - record["val_prior_tv"]
-        return record
+        return validation_record(model, val, prior)
 
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in method.parameters() if p.requires_grad]
