@@ -38,14 +38,20 @@ def _teacher_files(folder: Path) -> None:
     pd.DataFrame({"label": labels}).to_csv(folder / "teacher.csv", index=False)
 
 
+LONG = 7
+"""The clip that lasts 100 times the longest of the others (issue 26: one long clip must pass
+through every stage, not pad the whole split to its length)."""
+
+
 def _student_files(folder: Path) -> None:
-    """Student modality: 60 WAV clips of three pitches (16 kHz, int16)."""
+    """Student modality: 60 WAV clips of three pitches (16 kHz, int16), one 100x the longest."""
     clips = folder / "clips"
     clips.mkdir()
     rows = []
     for i in range(60):
         c = i % 3
-        t = np.arange(int((0.25 + 0.005 * i) * 16000)) / 16000
+        seconds = 100 * 0.55 if i == LONG else 0.25 + 0.005 * i
+        t = np.arange(int(seconds * 16000)) / 16000
         noise = np.random.default_rng(i).normal(scale=0.05, size=t.shape)
         audio = 0.5 * np.sin(2 * np.pi * (300, 700, 1500)[c] * t) + noise
         wavfile.write(clips / f"clip{i:02d}.wav", 16000, (audio * 32767).astype(np.int16))
@@ -76,6 +82,9 @@ def test_wav_folder_and_teacher_onnx_to_an_exported_student(
           "data/import/teacher", "--name", "my-images", "--modality", "image")  # fmt: skip
     _cmkd(repo, "import", "wav", str(mine / "clips"), str(mine / "clips.csv"),
           "data/import/student", "--name", "my-speech", "--labelled-per-class", "4")  # fmt: skip
+
+    lengths = check_dataset(repo / "data" / "import" / "student").manifest["length"]
+    assert lengths.max() >= 90 * lengths.drop(lengths.idxmax()).max()  # the long clip is in
 
     # The user's own teacher, trained elsewhere, exported with features and logits outputs.
     teacher_ds = check_dataset(repo / "data" / "import" / "teacher")
