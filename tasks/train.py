@@ -241,13 +241,15 @@ def outlook(layout: Layout, params: DistillParams) -> dict | None:
     if found is None:
         return None
     logger = get_run_logger()
-    logger.info(found["line"])
+    shown = {"cmkd_line": True}  # on cmkd run's console, not only in its log file
+    logger.info("%s", found["line"], extra=shown)
     if params.min_steps < UNLABELLED_CLASS_STEPS:
         logger.warning(
             "distill.min_steps is %d: classes without labels were named at %d steps in the "
             "benchmark and mostly missed at 300 (docs/results.md); raise it in params.yaml",
             params.min_steps,
             UNLABELLED_CLASS_STEPS,
+            extra=shown,
         )
     return found
 
