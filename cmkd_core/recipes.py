@@ -172,8 +172,11 @@ def unlabelled_outlook(dataset: ModalityDataset, bank: TeacherBank) -> dict | No
     hidden = [bank.classes.index(c) for c in dataset.unlabelled_classes if c in bank.classes]
     if not hidden:
         return None
-    data = split_samples(dataset, bank.classes, torch.device("cpu"), labelled_only=True)
-    found = input_outlook(bank, [data["train"], data["val"]], hidden)
+    seen = [  # the labelled train samples and the val samples; the test split is not read
+        samples_of(dataset, dataset.rows(split, labelled_only=split == "train"), bank.classes)
+        for split in ("train", "val")
+    ]
+    found = input_outlook(bank, seen, hidden)
     return {**found, "line": outlook_line(found, [bank.classes[i] for i in hidden])}
 
 
